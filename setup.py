@@ -32,7 +32,7 @@ setup(
     packages=["fastddim", "fastddim.models", "fastddim.kernels"],
     package_dir={"fastddim.kernels": "kernels"},
     package_data={"fastddim": ["weights/*.safetensors", "weights/*.json"]},
-    install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
+    install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors", "pillow"],
     extras_require={
         "dev": [
             "pytest",
