@@ -314,6 +314,7 @@ def invert(
     *,
     schedule: Schedule | None = None,
     spacing: str | Sequence[int] | None = None,
+    shape: Sequence[int] | None = None,
     convention: str = "source",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
@@ -348,7 +349,7 @@ def invert(
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     plan = make_plan(schedule, steps, eta=0.0, spacing=spacing, **_plan_kwargs(plan_kwargs))
-    shape = _resolve_shape(model, None, x0)
+    shape = _resolve_shape(model, shape, x0)
     if tuple(x0.shape[1:]) != shape:
         raise ValueError(f"x0 has shape {tuple(x0.shape)}, expected (n, *{shape})")
     n = x0.shape[0]
