@@ -1,0 +1,252 @@
+"""The DDPM U-Net (Ho, Jain, Abbeel 2020), as a small self-contained PyTorch module.
+
+Layout follows the paper's TensorFlow code (and its PyTorch ports) so that the ``"cifar10"``
+preset has the paper's 35.7M parameters:
+
+    conv_in -> [levels: res blocks (+ attention at the listed resolutions), downsample]
+            -> middle: res, attention, res
+            -> [levels reversed: res blocks over concatenated skips (+ attention), upsample]
+            -> GroupNorm, SiLU, conv_out
+
+Every residual block receives the timestep embedding (sinusoidal features -> 2-layer MLP),
+added as a per-channel bias after its first convolution.
+
+The module predicts eps: ``UNet(config)(x_t, t)`` maps (B, C, H, W) float and (B,) int64 (or
+float) timesteps to (B, C, H, W). It carries ``sample_shape`` (C, H, W) and ``schedule`` (the
+training ``Schedule``), which is all ``fastddim.sample`` needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schedule import Schedule
+
+__all__ = ["UNet", "UNetConfig", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a :class:`UNet`. JSON round trip: ``UNetConfig.from_dict(c.to_dict())``.
+
+    ``attn_resolutions`` are feature-map sizes (e.g. 16 = the 16x16 level of a 32x32 model).
+    ``resolution`` is the input height = width; it must be divisible by 2**(len(ch_mult)-1).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resolution: int = 32
+    groups: int = 32  # GroupNorm groups; must divide every channel count
+
+    def __post_init__(self):
+        # JSON gives lists; keep tuples so configs hash and compare equal after a round trip.
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        if self.resolution % (2 ** (len(self.ch_mult) - 1)):
+            raise ValueError(f"resolution {self.resolution} is not divisible by 2**{len(self.ch_mult) - 1}")
+        for c in {self.ch * m for m in self.ch_mult}:
+            if c % self.groups:
+                raise ValueError(f"GroupNorm groups={self.groups} must divide channel count {c}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ch_mult"] = list(self.ch_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown UNetConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str) -> "UNetConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown U-Net preset {name!r}; known: {sorted(PRESETS)}")
+        return PRESETS[name]
+
+
+PRESETS: dict[str, UNetConfig] = {
+    # Ho et al. 2020, CIFAR-10: 35.7M parameters.
+    "cifar10": UNetConfig(),
+    # 0.69M parameters, sized to train on one CPU core in under an hour (docs/training.md):
+    # 16 channels at 32x32 because that level costs most of the convolution time; no dropout
+    # because a 4,000-digit run of a few thousand steps is far from overfitting.
+    "mnist": UNetConfig(
+        in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+        attn_resolutions=(8,), dropout=0.0, resolution=32, groups=8,
+    ),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of the timestep, as in the DDPM code (sin half, then cos half).
+
+    t: (B,) int or float. Returns (B, dim) float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ResBlock(nn.Module):
+    """(B, c_in, H, W), (B, temb) -> (B, c_out, H, W)."""
+
+    def __init__(self, c_in: int, c_out: int, temb_ch: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        # The paper zero-initialises the last conv so each block starts as the identity.
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, c: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # (B, HW, C) each
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """DDPM eps-prediction U-Net.
+
+    Args:
+        config: a :class:`UNetConfig` or a preset name (``"cifar10"``, ``"mnist"``).
+        schedule: the training schedule; defaults to ``Schedule.linear()`` (T=1000).
+
+    Call: ``model(x, t)`` with x (B, in_channels, resolution, resolution) float and t (B,)
+    int64 or float timesteps (a 0-dim t is broadcast over the batch). Returns eps, shape
+    (B, out_channels, resolution, resolution), dtype of x.
+    """
+
+    def __init__(self, config: UNetConfig | str = "cifar10", schedule: Schedule | None = None):
+        super().__init__()
+        cfg = UNetConfig.preset(config) if isinstance(config, str) else config
+        self.config = cfg
+        self.schedule = schedule if schedule is not None else Schedule.linear()
+        self.sample_shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+
+        ch, g = cfg.ch, cfg.groups
+        self.temb_ch = temb_ch = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        # Down path: remember every output's channel count, the up path consumes them as skips.
+        self.down = nn.ModuleList()
+        skip_chs = [ch]
+        c, res = ch, cfg.resolution
+        for level, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                blocks = [ResBlock(c, ch * mult, temb_ch, cfg.dropout, g)]
+                c = ch * mult
+                if res in cfg.attn_resolutions:
+                    blocks.append(AttnBlock(c, g))
+                self.down.append(nn.ModuleList(blocks))
+                skip_chs.append(c)
+            if level != len(cfg.ch_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(c)]))
+                skip_chs.append(c)
+                res //= 2
+
+        self.mid = nn.ModuleList([ResBlock(c, c, temb_ch, cfg.dropout, g), AttnBlock(c, g),
+                                  ResBlock(c, c, temb_ch, cfg.dropout, g)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks = [ResBlock(c + skip_chs.pop(), ch * mult, temb_ch, cfg.dropout, g)]
+                c = ch * mult
+                if res in cfg.attn_resolutions:
+                    blocks.append(AttnBlock(c, g))
+                self.up.append(nn.ModuleList(blocks))
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(c)]))
+                res *= 2
+        assert not skip_chs
+
+        self.norm_out = nn.GroupNorm(g, c)
+        self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _run(self, blocks: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for b in blocks:
+            h = b(h, temb) if isinstance(b, ResBlock) else b(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W); t: (B,) or () timesteps in [0, T). Returns eps (B, C_out, H, W)."""
+        if not torch.is_tensor(t):
+            t = torch.tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = self.temb(timestep_embedding(t.to(x.device), self.config.ch).to(x.dtype))
+
+        hs = [self.conv_in(x)]
+        for blocks in self.down:
+            hs.append(self._run(blocks, hs[-1], temb))
+        h = self._run(self.mid, hs[-1], temb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = self._run(blocks, h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, schedule={self.schedule}"

@@ -1,0 +1,139 @@
+"""Load the packaged model, or any checkpoint written by :func:`fastddim.train.train`.
+
+Checkpoints are safetensors files (never pickles). Tensor names:
+
+    model.<param>            raw training weights            (training checkpoints only)
+    ema.<param>              EMA weights, what samples use   (always present)
+    optim.<i>.<key>          AdamW state of parameter i      (training checkpoints only)
+    rng.<name>               RNG states as uint8 tensors     (training checkpoints only)
+
+Metadata (all strings): ``format`` = ``fastddim-checkpoint-1``, ``config`` (UNetConfig JSON),
+``step``, ``schedule`` (JSON: kind, T, name, alphas_cumprod_sha256) and, for training
+checkpoints, ``train`` (the training arguments as JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .models.unet import UNet, UNetConfig
+from .schedule import Schedule
+
+__all__ = ["pretrained", "load_checkpoint", "Checkpoint", "KNOWN", "FORMAT"]
+
+FORMAT = "fastddim-checkpoint-1"
+_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# name -> file in fastddim/weights/
+KNOWN = {"mnist": "mnist.safetensors"}
+
+# Schedules a checkpoint may name; rebuilt from (kind, T) and checked against the stored hash.
+_SCHEDULE_KINDS = {"linear": Schedule.linear, "scaled_linear": Schedule.scaled_linear, "cosine": Schedule.cosine}
+
+
+def schedule_to_json(kind: str, schedule: Schedule) -> str:
+    return json.dumps({"kind": kind, **schedule.to_dict()})
+
+
+def schedule_from_json(text: str) -> Schedule:
+    d = json.loads(text)
+    if d.get("kind") not in _SCHEDULE_KINDS:
+        raise ValueError(f"unknown schedule kind {d.get('kind')!r}; known: {sorted(_SCHEDULE_KINDS)}")
+    s = _SCHEDULE_KINDS[d["kind"]](T=int(d["T"]))
+    if s.to_dict()["alphas_cumprod_sha256"] != d["alphas_cumprod_sha256"]:
+        raise ValueError(f"schedule {d['name']!r} does not match the one rebuilt from ({d['kind']}, T={d['T']})")
+    return s
+
+
+@dataclass
+class Checkpoint:
+    """The parsed contents of a checkpoint file.
+
+    ``model``, ``ema``: state dicts (``model`` is empty in a weights-only file); ``optim``:
+    ``{param index: {key: tensor}}``; ``rng``: ``{name: uint8 tensor}``; ``train``: the
+    training arguments (empty in a weights-only file).
+    """
+
+    path: str
+    config: UNetConfig
+    schedule: Schedule
+    step: int
+    ema: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    optim: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a fastddim checkpoint (safetensors; nothing is unpickled).
+
+    Raises:
+        ValueError: the file is missing, not a safetensors file, or not a fastddim checkpoint.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fastddim checkpoint (metadata format={meta.get('format')!r}, expected {FORMAT!r})")
+    try:
+        config = UNetConfig.from_dict(json.loads(meta["config"]))
+        schedule = schedule_from_json(meta["schedule"])
+        step = int(meta["step"])
+        train_args = json.loads(meta.get("train", "{}"))
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: bad checkpoint metadata ({e!r})") from e
+
+    ck = Checkpoint(path=path, config=config, schedule=schedule, step=step, ema={}, train=train_args)
+    for k, v in tensors.items():
+        group, _, rest = k.partition(".")
+        if group in ("model", "ema", "rng"):
+            getattr(ck, group)[rest] = v
+        elif group == "optim":
+            i, _, key = rest.partition(".")
+            ck.optim.setdefault(int(i), {})[key] = v
+        else:
+            raise ValueError(f"{path}: unexpected tensor {k!r} in checkpoint")
+    if not ck.ema:
+        raise ValueError(f"{path}: checkpoint holds no EMA weights")
+    return ck
+
+
+def pretrained(name: str | os.PathLike = "mnist", device: str | torch.device | None = None) -> UNet:
+    """A trained eps-prediction U-Net, in eval mode, ready for ``fastddim.sample``.
+
+    Args:
+        name: a packaged model (``"mnist"``: 1x32x32 digits, linear schedule, T=1000) or the
+            path of a checkpoint written by ``fastddim.train.train`` (its EMA weights are used).
+        device: where to put the model (default CPU).
+
+    Returns:
+        ``UNet`` with ``sample_shape`` (C, H, W) and ``schedule`` set; ``model(x, t)`` maps
+        (B, C, H, W) float32 and (B,) int64 timesteps to eps of shape (B, C, H, W).
+    """
+    name_s = os.fspath(name)
+    if name_s in KNOWN:
+        path = _WEIGHTS_DIR / KNOWN[name_s]
+    elif os.sep in name_s or name_s.endswith(".safetensors") or os.path.exists(name_s):
+        path = Path(name_s)
+    else:
+        raise ValueError(f"unknown pretrained model {name_s!r}; known: {sorted(KNOWN)} (or pass a checkpoint path)")
+    ck = load_checkpoint(path)
+    model = UNet(ck.config, schedule=ck.schedule)
+    try:
+        model.load_state_dict({k: v.float() for k, v in ck.ema.items()})
+    except RuntimeError as e:
+        raise ValueError(f"{path}: EMA weights do not fit the stored config ({e})") from e
+    model.requires_grad_(False)
+    return model.eval().to(device if device is not None else "cpu")
