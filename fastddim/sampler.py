@@ -236,6 +236,8 @@ def sample(
     n = _check_int("n", n, 1)
     seed = check_seed(seed)
     first_index = _check_int("first_index", first_index, 0)
+    if first_index + n > 2**32:  # the noise counter holds the sample index in 32 bits
+        raise ValueError(f"first_index + n must be <= 2**32, got {first_index + n}")
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
     if not callable(model):

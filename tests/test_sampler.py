@@ -219,6 +219,7 @@ BAD = [
     (dict(steps_offset=1, spacing="leading", steps=1000), ValueError, "steps_offset"),
     (dict(shape=(0, 3)), ValueError, "shape"),
     (dict(bogus=1), TypeError, "bogus"),
+    (dict(first_index=2**32 - 1), ValueError, "first_index"),
 ]
 
 
