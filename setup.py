@@ -13,13 +13,33 @@ VERSION = "0.1.0"
 
 
 def _ext_modules():
+    """fastddim._C from csrc/: the CPU kernel always, the CUDA one where nvcc and a CUDA torch are."""
     if os.environ.get("FASTDDIM_SKIP_EXT_BUILD") == "1":
         return [], {}
     try:
-        from fastddim_build import extensions  # noqa: F401  (see csrc/, added with the kernels)
-    except ImportError:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # torch not importable at build time: the torch/Triton backends still work
         return [], {}
-    return extensions()
+    # -ffp-contract=off / --fmad=false: round each op as the torch reference does (no FMA).
+    # -fopenmp: at::parallel_for is inline OpenMP; torch ships the libgomp it links against.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    sources = ["csrc/bindings.cpp", "csrc/ddim_step_cpu.cpp"]
+    with_cuda = (
+        os.environ.get("FASTDDIM_SKIP_CUDA_BUILD") != "1"
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+    )
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "fastddim._C",
+            sources + ["csrc/ddim_step_cuda.cu"],
+            extra_compile_args={"cxx": cxx + ["-DFASTDDIM_WITH_CUDA"], "nvcc": ["-O3", "--fmad=false", "-DFASTDDIM_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension("fastddim._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = _ext_modules()

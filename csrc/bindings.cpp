@@ -1,0 +1,153 @@
+// fastddim._C: the C++/CUDA step kernels and their noise, bound with pybind11.
+// The boundary is strict: every device, dtype, shape and contiguity is checked here, so the
+// kernels can take raw pointers. Python reaches these through fastddim/_ops.py.
+#include <torch/extension.h>
+
+#include "ddim_step.h"
+
+#ifdef FASTDDIM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#define FASTDDIM_CUDA_BUILT true
+#else
+#define FASTDDIM_CUDA_BUILT false
+#endif
+
+namespace fastddim {
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: return kNone;
+  }
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "ddim_step: ", name, " is on ", t.device(), ", x on ", x.device());
+  TORCH_CHECK(t.sizes() == x.sizes(), "ddim_step: ", name, " has shape ", t.sizes(), ", expected ", x.sizes());
+  TORCH_CHECK(t.is_contiguous(), "ddim_step: ", name, " must be contiguous");
+}
+
+void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, int64_t j,
+               const at::Tensor& rng, const at::Tensor& x_prev, const c10::optional<at::Tensor>& x0,
+               const c10::optional<at::Tensor>& x_low, const c10::optional<at::Tensor>& s, int64_t pred,
+               int64_t clip, double clip_range, bool clipped_eps, bool sigma_hat, bool noise) {
+  TORCH_CHECK(x.dim() >= 1, "ddim_step: x must be (B, *shape)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "ddim_step: x must be contiguous float32");
+  check_like(out, x, "out");
+  TORCH_CHECK(dtype_code(out) != kNone, "ddim_step: out must be float32, bfloat16 or float16, got ", out.scalar_type());
+  check_like(x_prev, x, "x_prev");
+  TORCH_CHECK(x_prev.scalar_type() == at::kFloat, "ddim_step: x_prev must be float32");
+  TORCH_CHECK(table.device() == x.device() && table.scalar_type() == at::kFloat && table.dim() == 2 &&
+                  table.size(1) == 6 && table.is_contiguous(),
+              "ddim_step: table must be a contiguous float32 (S, 6) tensor on x's device");
+  TORCH_CHECK(0 <= j && j < table.size(0), "ddim_step: j=", j, " out of range for a table of ", table.size(0), " steps");
+  TORCH_CHECK(rng.device() == x.device() && rng.scalar_type() == at::kLong && rng.numel() == 2 && rng.is_contiguous(),
+              "ddim_step: rng must be a contiguous int64 (2,) tensor (seed bits, first_index) on x's device");
+  TORCH_CHECK(0 <= pred && pred <= 2, "ddim_step: pred must be 0 (epsilon), 1 (sample) or 2 (v_prediction)");
+  TORCH_CHECK(0 <= clip && clip <= 2, "ddim_step: clip must be 0 (none), 1 (range) or 2 (threshold)");
+  if (x0) {
+    check_like(*x0, x, "x0");
+    TORCH_CHECK(x0->scalar_type() == at::kFloat, "ddim_step: x0 must be float32");
+  }
+  if (x_low) {
+    check_like(*x_low, x, "x_low");
+    TORCH_CHECK(x_low->scalar_type() == at::kBFloat16 || x_low->scalar_type() == at::kHalf,
+                "ddim_step: x_low must be bfloat16 or float16");
+  }
+  if (clip == kClipThreshold) {
+    TORCH_CHECK(s.has_value(), "ddim_step: clip=2 (threshold) needs s");
+    TORCH_CHECK(s->device() == x.device() && s->scalar_type() == at::kFloat && s->dim() == 1 &&
+                    s->size(0) == x.size(0) && s->is_contiguous(),
+                "ddim_step: s must be a contiguous float32 (B,) tensor on x's device");
+  }
+  StepArgs a{};
+  a.x = x.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.out_dtype = dtype_code(out);
+  a.table = table.data_ptr<float>();
+  a.j = j;
+  a.rng = rng.data_ptr<int64_t>();
+  a.s = clip == kClipThreshold ? s->data_ptr<float>() : nullptr;
+  a.prev = x_prev.data_ptr<float>();
+  a.x0 = x0 ? x0->data_ptr<float>() : nullptr;
+  a.low = x_low ? x_low->data_ptr() : nullptr;
+  a.low_dtype = x_low ? dtype_code(*x_low) : kNone;
+  a.batch = x.size(0);
+  a.numel = a.batch ? x.numel() / a.batch : 0;
+  a.pred = static_cast<int>(pred);
+  a.clip = static_cast<int>(clip);
+  a.clip_range = static_cast<float>(clip_range);
+  a.clipped_eps = clipped_eps;
+  a.sigma_hat = sigma_hat;
+  a.noise = noise;
+  if (x.is_cpu()) return ddim_step_cpu(a);
+#ifdef FASTDDIM_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    return ddim_step_cuda(a);
+  }
+#endif
+  TORCH_CHECK(false, "ddim_step: no kernel for device ", x.device(), " in this build (cuda built: ", FASTDDIM_CUDA_BUILT, ")");
+}
+
+void normal_(const at::Tensor& res, uint64_t seed, int64_t first_index, int64_t step) {
+  TORCH_CHECK(res.dim() >= 1 && res.scalar_type() == at::kFloat && res.is_contiguous(),
+              "normal_: res must be a contiguous float32 (n, *shape) tensor");
+  const int64_t n = res.size(0), numel = n ? res.numel() / n : 0;
+  if (res.is_cpu()) return normal_cpu(res.data_ptr<float>(), n, numel, seed, first_index, step);
+#ifdef FASTDDIM_WITH_CUDA
+  if (res.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(res.device());
+    return normal_cuda(res.data_ptr<float>(), n, numel, seed, first_index, step);
+  }
+#endif
+  TORCH_CHECK(false, "normal_: no kernel for device ", res.device());
+}
+
+at::Tensor philox4x32(const at::Tensor& ctr, uint64_t seed) {
+  TORCH_CHECK(ctr.dim() == 2 && ctr.size(1) == 4 && ctr.scalar_type() == at::kLong,
+              "philox4x32: ctr must be an int64 (M, 4) tensor of uint32 values");
+  const at::Tensor c = ctr.contiguous();
+  at::Tensor res = at::empty_like(c);
+  if (c.is_cpu()) {
+    philox_cpu(c.data_ptr<int64_t>(), res.data_ptr<int64_t>(), c.size(0), seed);
+    return res;
+  }
+#ifdef FASTDDIM_WITH_CUDA
+  if (c.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(c.device());
+    philox_cuda(c.data_ptr<int64_t>(), res.data_ptr<int64_t>(), c.size(0), seed);
+    return res;
+  }
+#endif
+  TORCH_CHECK(false, "philox4x32: no kernel for device ", c.device());
+}
+
+}  // namespace
+}  // namespace fastddim
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.attr("cuda") = py::bool_(FASTDDIM_CUDA_BUILT);
+  m.def("ddim_step", &fastddim::ddim_step,
+        "Fused DDIM step j into x_prev (and x0, x_low when given), in place, on x's device.\n\n"
+        "x, x_prev, x0: (B, *shape) contiguous float32; out: (B, *shape) float32/bfloat16/float16 model\n"
+        "output; table: the plan's (S, 6) float32 table; rng: int64 (2,) = (seed bits, first_index);\n"
+        "x_low: bfloat16/float16 copy of x_prev; s: (B,) float32 thresholds when clip=2.\n"
+        "pred: 0 epsilon, 1 sample, 2 v_prediction; clip: 0 none, 1 +-clip_range, 2 threshold by s;\n"
+        "clipped_eps: eps from the clipped x0; sigma_hat: posterior-mean update; noise: add sigma * z\n"
+        "with z = fastddim.noise.normal(seed, first_index, B, j + 1, shape).",
+        py::arg("x"), py::arg("out"), py::arg("table"), py::arg("j"), py::arg("rng"), py::arg("x_prev"),
+        py::arg("x0") = py::none(), py::arg("x_low") = py::none(), py::arg("s") = py::none(),
+        py::arg("pred") = 0, py::arg("clip") = 0, py::arg("clip_range") = 1.0, py::arg("clipped_eps") = false,
+        py::arg("sigma_hat") = false, py::arg("noise") = false);
+  m.def("normal_", &fastddim::normal_,
+        "Fill res (n, *shape) float32 with fastddim.noise.normal(seed, first_index, n, step, shape).",
+        py::arg("res"), py::arg("seed"), py::arg("first_index"), py::arg("step"));
+  m.def("philox4x32", &fastddim::philox4x32,
+        "Raw Philox-4x32-10 of each row of ctr (M, 4) int64 (uint32 values) with key (seed low, high) -> (M, 4) int64.",
+        py::arg("ctr"), py::arg("seed"));
+}

@@ -1,0 +1,158 @@
+// Fused DDIM step on a CUDA GPU: same math and noise as ddim_step_cpu.cpp (ddim_step.h, philox.h).
+// One thread per Philox group of 4 elements, grid-stride loop. Reads 4 B (x_t) + 4 or 2 B (model
+// output) and writes 4 B (x_{t-1}) per element, plus 4 B (x0) and 2 B (low copy) when asked;
+// 128-bit loads/stores of x and x_{t-1} when a sample's size is a multiple of 4 and the pointers
+// are aligned. Built with --fmad=false and without --use_fast_math: IEEE division and sqrt, the
+// accurate logf/sincosf, so it rounds as the CPU kernel does. All scalars (table row j, seed,
+// first index) are read on the device: nothing here syncs, and a captured graph can be replayed.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+
+#include "ddim_step.h"
+
+namespace fastddim {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack4 {
+  T v[4];
+};
+
+template <typename OutT, int PRED, bool VEC>
+__global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
+  const float* row = a.table + a.j * 6;
+  const Coefs c{__ldg(row), __ldg(row + 1), __ldg(row + 2), __ldg(row + 3), __ldg(row + 4), __ldg(row + 5)};
+  const int64_t n = a.numel, groups = (n + 3) / 4, total = a.batch * groups;
+  const uint64_t seed = static_cast<uint64_t>(__ldg(a.rng));
+  const int64_t first = __ldg(a.rng + 1);
+  const uint32_t step = static_cast<uint32_t>(a.j + 1);
+  const OutT* out = static_cast<const OutT*>(a.out);
+
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < total;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = p / groups, g = p - b * groups, base = b * n + 4 * g;
+    const int cnt = static_cast<int>(min(static_cast<int64_t>(4), n - 4 * g));
+    float xv[4] = {0.f, 0.f, 0.f, 0.f}, ov[4] = {0.f, 0.f, 0.f, 0.f};
+    if (VEC) {
+      const Pack4<float> xp = *reinterpret_cast<const Pack4<float>*>(a.x + base);
+      const Pack4<OutT> op = *reinterpret_cast<const Pack4<OutT>*>(out + base);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        xv[k] = xp.v[k];
+        ov[k] = static_cast<float>(op.v[k]);
+      }
+    } else {
+      for (int k = 0; k < cnt; ++k) {
+        xv[k] = a.x[base + k];
+        ov[k] = static_cast<float>(out[base + k]);
+      }
+    }
+    float z[4] = {0.f, 0.f, 0.f, 0.f};
+    if (a.noise) gaussian4(seed, static_cast<uint32_t>(g), static_cast<uint32_t>(first + b), step, z);
+    const float s = a.clip == kClipThreshold ? a.s[b] : 1.0f;
+    Pack4<float> pv, x0v;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float v = step_mean<PRED>(xv[k], ov[k], c, a.clip, a.clip_range, s, a.clipped_eps, a.sigma_hat, x0v.v[k]);
+      pv.v[k] = a.noise ? v + c.sigma * z[k] : v;
+    }
+    if (VEC) {
+      *reinterpret_cast<Pack4<float>*>(a.prev + base) = pv;
+      if (a.x0) *reinterpret_cast<Pack4<float>*>(a.x0 + base) = x0v;
+    } else {
+      for (int k = 0; k < cnt; ++k) {
+        a.prev[base + k] = pv.v[k];
+        if (a.x0) a.x0[base + k] = x0v.v[k];
+      }
+    }
+    if (a.low_dtype == kBF16) {
+      for (int k = 0; k < cnt; ++k) static_cast<c10::BFloat16*>(a.low)[base + k] = c10::BFloat16(pv.v[k]);
+    } else if (a.low_dtype == kF16) {
+      for (int k = 0; k < cnt; ++k) static_cast<c10::Half*>(a.low)[base + k] = c10::Half(pv.v[k]);
+    }
+  }
+}
+
+__global__ void _normal_kernel(float* res, int64_t n, int64_t numel, uint64_t seed, int64_t first, uint32_t step) {
+  const int64_t groups = (numel + 3) / 4;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < n * groups;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = p / groups, g = p - b * groups;
+    float z[4];
+    gaussian4(seed, static_cast<uint32_t>(g), static_cast<uint32_t>(first + b), step, z);
+    for (int64_t k = 0; k < 4 && 4 * g + k < numel; ++k) res[b * numel + 4 * g + k] = z[k];
+  }
+}
+
+__global__ void _philox_kernel(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= m) return;
+  uint32_t c[4];
+  for (int k = 0; k < 4; ++k) c[k] = static_cast<uint32_t>(ctr[4 * i + k]);
+  philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  for (int k = 0; k < 4; ++k) res[4 * i + k] = c[k];
+}
+
+int blocks_for(int64_t work) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, sms * 16)));
+}
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename OutT, int PRED>
+void launch(const StepArgs& a) {
+  const int64_t total = a.batch * ((a.numel + 3) / 4);
+  const bool vec = a.numel % 4 == 0 && aligned16(a.x) && aligned16(a.prev) && aligned16(a.x0) &&
+                   reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(OutT)) == 0;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (vec) {
+    _ddim_step_kernel<OutT, PRED, true><<<blocks_for(total), kThreads, 0, stream>>>(a);
+  } else {
+    _ddim_step_kernel<OutT, PRED, false><<<blocks_for(total), kThreads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename OutT>
+void launch_pred(const StepArgs& a) {
+  switch (a.pred) {
+    case kEpsilon: return launch<OutT, kEpsilon>(a);
+    case kSample: return launch<OutT, kSample>(a);
+    default: return launch<OutT, kVPrediction>(a);
+  }
+}
+
+}  // namespace
+
+void ddim_step_cuda(const StepArgs& a) {
+  if (a.batch * a.numel == 0) return;
+  switch (a.out_dtype) {
+    case kF32: return launch_pred<float>(a);
+    case kBF16: return launch_pred<c10::BFloat16>(a);
+    default: return launch_pred<c10::Half>(a);
+  }
+}
+
+void normal_cuda(float* res, int64_t n, int64_t numel, uint64_t seed, int64_t first_index, int64_t step) {
+  const int64_t work = n * ((numel + 3) / 4);
+  if (work == 0) return;
+  _normal_kernel<<<blocks_for(work), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      res, n, numel, seed, first_index, static_cast<uint32_t>(step));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void philox_cuda(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed) {
+  if (m == 0) return;
+  _philox_kernel<<<static_cast<int>((m + kThreads - 1) / kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      ctr, res, m, seed);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace fastddim

@@ -1,0 +1,251 @@
+"""Fused DDIM step in Triton: x_t and the model output -> x_{t-1}, noise made in the kernel.
+
+One pass per step. Per element it reads x_t (4 B, fp32) and the model output (4 or 2 B) and
+writes x_{t-1} (4 B): 10-12 B, plus 4 B for the optional x0 and 2 B for the optional bf16/fp16
+copy of x_{t-1} (the next model input). The eager step with its noise moves about 80 B.
+
+What it fuses, in the order ``fastddim.reference.ddim_step`` rounds it (mul+add may contract to
+FMA on a GPU, so compare with a tolerance): x0/eps from the prediction type, clamp to
++-clip_range or dynamic thresholding by a per-sample s (computed outside, see
+``fastddim.dispatch``), eps re-derived from the clipped x0, the DDIM (or sigma_hat) update, and
+sigma * z with z from ``fastddim.noise``'s spec: Philox-4x32-10 on (group, sample, step, 0) with
+the key from the seed, uniforms from the top 23 bits, Box-Muller on the two pairs. The Philox
+rounds are our own (tl.umulhi), not tl.randn, whose float mapping is version dependent.
+
+The seed and the first sample's index are read from a device int64 tensor ``rng`` = (seed as
+the int64 bit pattern, first_index), so a captured CUDA graph replays with new ones. The
+per-step scalars are row j of the plan's table on the device (columns as fastddim.plan.COLUMNS).
+
+Divisions use div_rn (Triton's ``/`` is approximate on GPU); log/sin/cos come from libdevice
+(tl.log may lower to an approximate instruction). Under TRITON_INTERPRET=1 libdevice does not
+exist and numpy's float32 functions are used instead.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ddim_step", "philox4x32", "normal", "PRED_CODES", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD"]
+
+PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+
+_INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+if not _INTERPRET:
+    from triton.language.extra import libdevice
+
+
+@triton.jit
+def _log(x):
+    if _INTERPRET:
+        return tl.log(x)
+    else:
+        return libdevice.log(x)
+
+
+@triton.jit
+def _cos(x):
+    if _INTERPRET:
+        return tl.cos(x)
+    else:
+        return libdevice.cos(x)
+
+
+@triton.jit
+def _sin(x):
+    if _INTERPRET:
+        return tl.sin(x)
+    else:
+        return libdevice.sin(x)
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    # Philox-4x32-10 (Random123); the key bump after the last round is unused.
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _uniform(x):
+    # Exact in float32: (x >> 9) < 2**23, so the result lies in [2**-24, 1 - 2**-24], never 0.
+    return ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _box_muller(a, b):
+    r = tl.sqrt_rn(-2.0 * _log(_uniform(a)))
+    theta = _uniform(b) * 6.2831855
+    return r * _cos(theta), r * _sin(theta)
+
+
+@triton.jit
+def _noise_tile(g, sample, step, rng_ptr, lane):
+    """(BLOCK, 4) normals of Philox groups g of global sample index ``sample`` (int64)."""
+    seed = tl.load(rng_ptr).to(tl.uint64, bitcast=True)
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    zero = tl.zeros_like(g).to(tl.uint32)
+    x0, x1, x2, x3 = _philox(g.to(tl.uint32), zero + sample.to(tl.uint32), zero + step.to(tl.uint32), zero, k0, k1)
+    z0, z1 = _box_muller(x0, x1)
+    z2, z3 = _box_muller(x2, x3)
+    lane = lane[None, :]
+    return tl.where(lane == 0, z0[:, None], tl.where(lane == 1, z1[:, None], tl.where(lane == 2, z2[:, None], z3[:, None])))
+
+
+@triton.jit(do_not_specialize=["j"])
+def _ddim_step_kernel(
+    x_ptr, out_ptr, table_ptr, rng_ptr, s_ptr, prev_ptr, x0_ptr, low_ptr,
+    j, numel, clip_range,
+    PRED: tl.constexpr, CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr, SIGMA_HAT: tl.constexpr,
+    HAS_NOISE: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_LOW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # grid = (B, cdiv(groups, BLOCK)): a program covers BLOCK Philox groups of 4 elements of one sample.
+    b = tl.program_id(0)
+    g = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    lane = tl.arange(0, 4)
+    e = g[:, None] * 4 + lane[None, :]
+    mask = e < numel
+    off = b.to(tl.int64) * numel + e
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    # Cast before any arithmetic: bf16 mixed with fp32 scalars is wrong under the interpreter.
+    o = tl.load(out_ptr + off, mask=mask, other=0.0).to(tl.float32)
+
+    row = table_ptr + j * 6
+    sqrt_a = tl.load(row + 0)
+    sqrt_1ma = tl.load(row + 1)
+    c_x0 = tl.load(row + 2)
+    c_eps = tl.load(row + 3)
+    c_xt = tl.load(row + 4)
+    sigma = tl.load(row + 5)
+
+    if PRED == 0:  # epsilon
+        x0 = tl.math.div_rn(x - sqrt_1ma * o, sqrt_a)
+        eps = o
+    elif PRED == 1:  # sample
+        x0 = o
+        eps = tl.math.div_rn(x - sqrt_a * o, sqrt_1ma)
+    else:  # v_prediction
+        x0 = sqrt_a * x - sqrt_1ma * o
+        eps = sqrt_a * o + sqrt_1ma * x
+
+    if CLIP == 1:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    elif CLIP == 2:
+        s = tl.load(s_ptr + b)
+        x0 = tl.math.div_rn(tl.minimum(tl.maximum(x0, -s), s), s)
+    if CLIPPED_EPS:
+        eps = tl.math.div_rn(x - sqrt_a * x0, sqrt_1ma)
+
+    if SIGMA_HAT:
+        prev = c_x0 * x0 + c_xt * x
+    else:
+        prev = c_x0 * x0 + c_eps * eps
+    if HAS_NOISE:
+        first = tl.load(rng_ptr + 1)
+        prev = prev + sigma * _noise_tile(g, first + b, j + 1, rng_ptr, lane)
+
+    tl.store(prev_ptr + off, prev, mask=mask)
+    if WRITE_X0:
+        tl.store(x0_ptr + off, x0, mask=mask)
+    if WRITE_LOW:
+        tl.store(low_ptr + off, prev.to(low_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(groups: int) -> int:
+    # Heuristic, not autotune (which needs a GPU driver): 256 groups = 1024 elements per program,
+    # smaller for tiny samples so the interpreter does not chew on masked lanes.
+    return max(16, min(256, triton.next_power_of_2(groups)))
+
+
+def ddim_step(
+    x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, rng: torch.Tensor,
+    x_prev: torch.Tensor, x0: torch.Tensor | None = None, x_low: torch.Tensor | None = None, *,
+    pred: int, clip: int = CLIP_NONE, clip_range: float = 1.0, s: torch.Tensor | None = None,
+    clipped_eps: bool = False, sigma_hat: bool = False, noise: bool = False,
+) -> None:
+    """Step j into the preallocated x_prev (and x0, x_low when given). Checks are the caller's.
+
+    x, x_prev, x0: (B, *shape) contiguous fp32; out: (B, *shape) fp32/bf16/fp16; x_low: bf16 or
+    fp16; table: (S, 6) fp32; rng: int64 (2,) = (seed bits, first_index); s: (B,) fp32 thresholds
+    when clip == CLIP_THRESHOLD. All on one device.
+    """
+    b = x.shape[0]
+    numel = x.numel() // b if b else 0
+    groups = (numel + 3) // 4
+    if b == 0 or numel == 0:
+        return
+    block = _block(groups)
+    grid = (b, triton.cdiv(groups, block))
+    _ddim_step_kernel[grid](
+        x, out, table, rng, s if s is not None else x, x_prev,
+        x0 if x0 is not None else x_prev, x_low if x_low is not None else x_prev,
+        j, numel, float(clip_range),
+        PRED=pred, CLIP=clip, CLIPPED_EPS=clipped_eps, SIGMA_HAT=sigma_hat, HAS_NOISE=noise,
+        WRITE_X0=x0 is not None, WRITE_LOW=x_low is not None, BLOCK=block,
+    )
+
+
+# ------------------------------------------------------------------ test entry points (noise)
+@triton.jit
+def _philox_kernel(ctr_ptr, res_ptr, rng_ptr, m, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < m
+    c0 = tl.load(ctr_ptr + i * 4 + 0, mask=mask, other=0).to(tl.uint32)
+    c1 = tl.load(ctr_ptr + i * 4 + 1, mask=mask, other=0).to(tl.uint32)
+    c2 = tl.load(ctr_ptr + i * 4 + 2, mask=mask, other=0).to(tl.uint32)
+    c3 = tl.load(ctr_ptr + i * 4 + 3, mask=mask, other=0).to(tl.uint32)
+    seed = tl.load(rng_ptr).to(tl.uint64, bitcast=True)
+    r0, r1, r2, r3 = _philox(c0, c1, c2, c3, seed.to(tl.uint32), (seed >> 32).to(tl.uint32))
+    tl.store(res_ptr + i * 4 + 0, r0.to(tl.int64), mask=mask)
+    tl.store(res_ptr + i * 4 + 1, r1.to(tl.int64), mask=mask)
+    tl.store(res_ptr + i * 4 + 2, r2.to(tl.int64), mask=mask)
+    tl.store(res_ptr + i * 4 + 3, r3.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _normal_kernel(res_ptr, rng_ptr, step, numel, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    lane = tl.arange(0, 4)
+    e = g[:, None] * 4 + lane[None, :]
+    first = tl.load(rng_ptr + 1)
+    z = _noise_tile(g, first + b, step, rng_ptr, lane)
+    tl.store(res_ptr + b.to(tl.int64) * numel + e, z, mask=e < numel)
+
+
+def rng_state(seed: int, first_index: int, device) -> torch.Tensor:
+    """The int64 (2,) device tensor the kernels read: (seed's uint64 bits as int64, first_index)."""
+    bits = seed - 2**64 if seed >= 2**63 else seed
+    return torch.tensor([bits, first_index], dtype=torch.int64).to(device)
+
+
+def philox4x32(ctr: torch.Tensor, seed: int) -> torch.Tensor:
+    """Raw Philox-4x32-10 outputs: ctr (M, 4) int64 holding uint32 -> (M, 4) int64 (for tests)."""
+    ctr = ctr.contiguous()
+    res = torch.empty_like(ctr)
+    m = ctr.shape[0]
+    _philox_kernel[(triton.cdiv(m, 64),)](ctr, res, rng_state(seed, 0, ctr.device), m, BLOCK=64)
+    return res
+
+
+def normal(seed: int, first_index: int, n: int, step: int, shape, device) -> torch.Tensor:
+    """``fastddim.noise.normal`` made by the step kernel's noise code (for tests): (n, *shape) fp32."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    res = torch.empty((n, *shape), dtype=torch.float32, device=device)
+    groups = (numel + 3) // 4
+    block = _block(groups)
+    _normal_kernel[(n, triton.cdiv(groups, block))](res, rng_state(seed, first_index, device), step, numel, BLOCK=block)
+    return res
