@@ -3,10 +3,17 @@
 ``auto`` never hides a choice: the backend it picked is in ``fastddim.info()["last_run"]``
 and logged on the ``fastddim`` logger. A backend asked for by name that is not available is an
 error with the reason, never a silent fallback.
+
+Backends: ``torch`` (fastddim.reference, any device), ``triton`` (kernels/ddim_step.py: a CUDA
+device, or CPU tensors under TRITON_INTERPRET=1 for tests), ``cpp`` (fastddim._C on the CPU),
+``cuda`` (fastddim._C built with CUDA, on a CUDA device). The fused ones all go through the
+custom op ``torch.ops.fastddim.ddim_step`` (fastddim/_ops.py).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from typing import Callable
 
 import torch
@@ -15,19 +22,51 @@ from . import reference
 from .noise import normal_like_batch
 from .plan import Plan
 
-__all__ = ["BACKENDS", "resolve_backend", "make_step", "available_backends"]
+__all__ = ["BACKENDS", "resolve_backend", "make_step", "available_backends", "threshold_scale"]
 
 log = logging.getLogger("fastddim")
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
+PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}  # as kernels/ddim_step.py and csrc/ddim_step.h
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+LOW_DTYPES = (torch.bfloat16, torch.float16)
 
 # A step function: (x, out, j, first_index) -> (x_prev, x0); x, out: (B, *shape).
 StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
+def _triton_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # the interpreter runs the kernel on CPU tensors (slow: for tests)
+    return f"needs a CUDA device (or TRITON_INTERPRET=1 with CPU tensors, for tests), not {device.type}"
+
+
+def _extension_reason(device: torch.device, want: str) -> str | None:
+    from ._ops import extension, extension_error
+
+    err = extension_error()
+    if err is not None:
+        return err
+    if want == "cpp":
+        return None if device.type == "cpu" else f"the C++ kernel runs on the CPU, not {device.type}"
+    if not extension().cuda:
+        return "fastddim._C was built without CUDA (needs nvcc and a CUDA build of torch at build time, and FASTDDIM_SKIP_CUDA_BUILD unset)"
+    return None if device.type == "cuda" else f"the CUDA kernel needs a CUDA device, not {device.type}"
+
+
 def available_backends(device: torch.device) -> dict[str, str | None]:
     """Each backend name -> None if usable on ``device``, else the reason it is not."""
-    return {"torch": None}
+    device = torch.device(device)
+    return {
+        "torch": None,
+        "triton": _triton_reason(device),
+        "cpp": _extension_reason(device, "cpp"),
+        "cuda": _extension_reason(device, "cuda"),
+    }
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -44,13 +83,85 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def make_step(backend: str, plan: Plan, seed: int) -> StepFn:
-    """The step of ``plan`` for a resolved backend, with its noise drawn for (seed, index, step)."""
+def threshold_scale(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, plan: Plan) -> torch.Tensor:
+    """Dynamic thresholding's per-sample s (B,) for step j, as reference.threshold computes it.
+
+    The quantile needs all of a sample's x0 before any element can be clipped, so it is a
+    separate reduction; the fused kernel then recomputes x0 and applies clamp(x0, -s, s) / s.
+    The scalars are 0-dim views of the device table (no sync) and round as the Python floats do.
+    """
+    x0, _ = reference.predict_x0_eps(x, out.float(), table[j, 0], table[j, 1], plan.prediction_type)
+    flat = x0.reshape(x0.shape[0], -1).abs()
+    return torch.quantile(flat, plan.dynamic_thresholding_ratio, dim=1).clamp(min=1, max=plan.sample_max_value)
+
+
+def _clip_mode(plan: Plan) -> tuple[int, float]:
+    # Same precedence as reference._clip: thresholding, then clip_sample, then sigma_hat's [-1, 1].
+    if plan.thresholding:
+        return CLIP_THRESHOLD, 1.0
+    if plan.clip_sample:
+        return CLIP_RANGE, plan.clip_sample_range
+    if plan.sigma_hat:
+        return CLIP_RANGE, 1.0
+    return CLIP_NONE, 1.0
+
+
+def _rng_state(seed: int, first_index: int, device: torch.device) -> torch.Tensor:
+    bits = seed - 2**64 if seed >= 2**63 else seed  # the uint64 seed's bits as an int64
+    return torch.tensor([bits, first_index], dtype=torch.int64).to(device)
+
+
+def make_step(
+    backend: str, plan: Plan, seed: int, *, need_x0: bool = True, device: torch.device | None = None,
+    low_dtype: torch.dtype | None = None,
+) -> StepFn:
+    """The step of ``plan`` for a resolved backend, with its noise drawn for (seed, index, step).
+
+    Returns ``step(x, out, j, first_index) -> (x_prev, x0)`` with x (B, *shape) fp32 and out the
+    model output (B, *shape). ``need_x0=False`` lets the fused kernels skip writing x0 (x0 is
+    then None). ``device``: move the plan's table there now (else on the first call; once per run
+    either way). ``low_dtype`` (bf16/fp16): the step returns (x_prev, x0, x_prev in low_dtype),
+    the copy made in the same pass, for a model that runs in low precision.
+    """
+    if low_dtype is not None and low_dtype not in LOW_DTYPES:
+        raise ValueError(f"low_dtype must be one of {LOW_DTYPES} or None, got {low_dtype!r}")
     if backend == "torch":
 
         def step(x: torch.Tensor, out: torch.Tensor, j: int, first_index: int):
             z = normal_like_batch(x, seed, first_index, j + 1) if plan.noise[j] else None
-            return reference.ddim_step(x, out, plan, j, z)
+            prev, x0 = reference.ddim_step(x, out, plan, j, z)
+            x0 = x0 if need_x0 else None
+            return (prev, x0) if low_dtype is None else (prev, x0, prev.to(low_dtype))
 
         return step
-    raise RuntimeError(f"backend {backend!r} has no step implementation")
+    if backend not in ("triton", "cpp", "cuda"):
+        raise RuntimeError(f"backend {backend!r} has no step implementation")
+
+    from . import _ops  # noqa: F401  (registers torch.ops.fastddim.ddim_step)
+
+    pred = PRED_CODES[plan.prediction_type]
+    clip, clip_range = _clip_mode(plan)
+    tables: dict[torch.device, torch.Tensor] = {}
+    if device is not None:
+        tables[torch.device(device)] = plan.table.to(device)
+    rng_key: list = [None, None]  # (device, first_index) of the cached rng tensor, and the tensor
+
+    def step(x: torch.Tensor, out: torch.Tensor, j: int, first_index: int):
+        dev = x.device
+        table = tables.get(dev)
+        if table is None:
+            table = tables[dev] = plan.table.to(dev)
+        if rng_key[0] != (dev, first_index):  # once per batch, not per step
+            rng_key[0], rng_key[1] = (dev, first_index), _rng_state(seed, first_index, dev)
+        if out.dtype not in (torch.float32, *LOW_DTYPES):
+            out = out.float()
+        x, out = x.float().contiguous(), out.contiguous()
+        s = threshold_scale(x, out, table, j, plan) if clip == CLIP_THRESHOLD else None
+        prev, x0, low = torch.ops.fastddim.ddim_step(
+            x, out, table, j, rng_key[1], s, backend, pred, clip, clip_range,
+            plan.use_clipped_model_output, plan.sigma_hat, plan.noise[j], need_x0, low_dtype,
+        )
+        x0 = x0 if need_x0 else None
+        return (prev, x0) if low_dtype is None else (prev, x0, low)
+
+    return step

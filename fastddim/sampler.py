@@ -258,7 +258,7 @@ def sample(
     dev = _resolve_device(model, device, x_T)
     batch_size = n if batch_size is None else _check_int("batch_size", batch_size, 1)
     backend_name = resolve_backend(backend, dev)
-    step = make_step(backend_name, plan, seed)
+    step = make_step(backend_name, plan, seed, need_x0=callback is not None, device=dev)
     model_kwargs = model_kwargs or {}
 
     # --- the loop

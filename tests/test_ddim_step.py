@@ -1,0 +1,278 @@
+"""The fused step (cpp, triton, cuda) against fastddim.reference.ddim_step, the oracle.
+
+On a CPU-only machine: the C++ kernel on every case, the Triton kernel under TRITON_INTERPRET=1
+(set by conftest.py) on small shapes. GPU cases carry the `gpu` marker.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastddim import _ops, reference
+from fastddim.dispatch import available_backends, make_step, resolve_backend
+from fastddim.noise import normal_like_batch
+from fastddim.plan import make_plan
+from fastddim.schedule import Schedule
+
+SCHEDULE = Schedule.linear()
+S = 10
+PREDS = ("epsilon", "sample", "v_prediction")
+ETAS = (0.0, 0.5, 1.0, "sigma_hat")
+CLIPS = {  # name -> plan options
+    "none": {},
+    "clip": {"clip_sample": True, "clip_sample_range": 1.0},
+    "clip2.5+clipped_eps": {"clip_sample": True, "clip_sample_range": 2.5, "use_clipped_model_output": True},
+}
+# Model-output dtype -> (atol, rtol) on x_prev and x0 against the reference in fp32. Both sides read
+# the same rounded model output, so the low-precision inputs need no looser bound; what remains
+# is the noise's libm ulps times sigma, one rounding of the sum, and (GPU) FMA contraction on
+# values up to ~100 (x0 = x / sqrt(a_t) at the noisiest step).
+TOLS = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 1e-5, 1e-5, id="bf16"),
+    pytest.param(torch.float16, 1e-5, 1e-5, id="fp16"),
+]
+# Awkward sizes: a sample size that is not a multiple of 4 (the Philox group) nor of any block,
+# batch 1, a 3x37x37 latent, tiny samples.
+CPP_SHAPES = [(1, 3, 37, 37), (3, 5, 7), (8, 2), (2, 4, 16, 16)]
+TRITON_SHAPES = [(2, 3, 11, 13)]  # the interpreter is slow: small
+
+
+def backend_param(name: str, device: str = "cpu"):
+    reason = available_backends(torch.device(device))[name]
+    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=name)
+
+
+CPU_FUSED = [backend_param("cpp"), backend_param("triton")]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float, what: str) -> None:
+    """torch.isclose-style check that names the worst element before failing."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    got, want = got.double(), want.double()
+    err = (got - want).abs()
+    bound = atol + rtol * want.abs()
+    bad = ~((err <= bound) | (torch.isnan(got) & torch.isnan(want)))
+    if bad.any():
+        i = int(torch.argmax(torch.where(bad, err - bound, torch.full_like(err, -1.0))))
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), got.shape))
+        pytest.fail(
+            f"{what}: {int(bad.sum())} of {got.numel()} elements off; worst at {idx}: got {got[idx].item()!r}, "
+            f"want {want[idx].item()!r}, |diff| {err[idx].item():.3g} > {bound[idx].item():.3g} (atol {atol}, rtol {rtol})"
+        )
+
+
+def inputs(shape, dtype, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    out = torch.randn(shape, generator=g)
+    return x.to(device), out.to(device=device, dtype=dtype)
+
+
+def reference_step(plan, x, out, j, seed, first_index):
+    z = normal_like_batch(x, seed, first_index, j + 1) if plan.noise[j] else None
+    return reference.ddim_step(x, out, plan, j, z)
+
+
+def check_against_reference(backend, plan, shape, dtype, atol, rtol, steps, device="cpu", seed=1234, first_index=7):
+    x, out = inputs(shape, dtype, device=device)
+    step = make_step(backend, plan, seed)
+    for j in steps:
+        prev, x0 = step(x, out, j, first_index)
+        want_prev, want_x0 = reference_step(plan, x, out, j, seed, first_index)
+        what = f"{backend} {plan.prediction_type} eta={plan.eta} {dtype} {shape} j={j}"
+        assert_close(x0, want_x0, atol, rtol, what + " x0")
+        assert_close(prev, want_prev, atol, rtol, what + " x_prev")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("eta", ETAS, ids=str)
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_step_matches_reference(backend, pred, eta, clip, dtype, atol, rtol):
+    plan = make_plan(SCHEDULE, S, eta=eta, prediction_type=pred, **CLIPS[clip])
+    if backend == "triton":
+        shapes, steps = TRITON_SHAPES, (0, S - 1)
+    else:
+        shapes, steps = CPP_SHAPES, (0, S // 2, S - 1)
+    for shape in shapes:
+        check_against_reference(backend, plan, shape, dtype, atol, rtol, steps)
+
+
+@pytest.mark.parametrize("clipped_eps", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_thresholding_matches_reference(backend, pred, eta, clipped_eps):
+    plan = make_plan(
+        SCHEDULE, S, eta=eta, prediction_type=pred, thresholding=True, dynamic_thresholding_ratio=0.9,
+        sample_max_value=3.0, use_clipped_model_output=clipped_eps,
+    )
+    shape = TRITON_SHAPES[0] if backend == "triton" else (3, 3, 37, 37)
+    check_against_reference(backend, plan, shape, torch.float32, 1e-5, 1e-5, (0, S // 2, S - 1))
+
+
+def test_cpp_is_bit_exact_without_noise():
+    """Built with -ffp-contract=off, the C++ step rounds op for op as the reference does."""
+    if available_backends(torch.device("cpu"))["cpp"] is not None:
+        pytest.skip("fastddim._C not built")
+    for pred in PREDS:
+        plan = make_plan(SCHEDULE, S, eta=0.0, prediction_type=pred, clip_sample=True, use_clipped_model_output=True)
+        x, out = inputs((2, 3, 37, 37), torch.bfloat16)
+        step = make_step("cpp", plan, 0)
+        for j in range(S):
+            prev, x0 = step(x, out, j, 0)
+            want_prev, want_x0 = reference_step(plan, x, out, j, 0, 0)
+            assert torch.equal(prev, want_prev) and torch.equal(x0, want_x0), (pred, j)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", [backend_param("torch")] + CPU_FUSED)
+def test_low_precision_copy_and_no_x0(backend, low):
+    plan = make_plan(SCHEDULE, S, eta=1.0)
+    x, out = inputs(TRITON_SHAPES[0], torch.float32)
+    prev, x0, x_low = make_step(backend, plan, 3, need_x0=False, low_dtype=low)(x, out, 2, 0)
+    assert x0 is None
+    assert x_low.dtype == low and torch.equal(x_low, prev.to(low))  # round to nearest even, as torch
+
+
+def test_table_moved_once_and_no_per_step_copies(monkeypatch):
+    """make_step moves the plan's table to the device once; the step itself does no host->device copy."""
+    if available_backends(torch.device("cpu"))["cpp"] is not None:
+        pytest.skip("fastddim._C not built")
+    plan = make_plan(SCHEDULE, S, eta=1.0)
+    step = make_step("cpp", plan, 0, device=torch.device("cpu"))
+    x, out = inputs((2, 8), torch.float32)
+    step(x, out, 0, 0)
+    calls = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(a) or real_to(self, *a, **k))
+    for j in range(1, S):
+        step(x, out, j, 0)
+    assert calls == []
+
+
+# ---------------------------------------------------------------------- the C++ boundary
+@pytest.fixture
+def C():
+    if _ops.extension_error() is not None:
+        pytest.skip("fastddim._C not built")
+    return _ops.extension()
+
+
+def test_cpp_rejects_bad_arguments(C):
+    plan = make_plan(SCHEDULE, S, eta=1.0)
+    x, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    rng = torch.tensor([1, 0])
+    prev = torch.empty_like(x)
+    C.ddim_step(x, out, plan.table, 0, rng, prev)  # the good call
+    bad = [
+        (dict(x=x.double()), "x must be contiguous float32"),
+        (dict(x=x.transpose(1, 2)), "x must be contiguous float32"),
+        (dict(out=out[:1]), "out has shape"),
+        (dict(out=out.int()), "out must be float32, bfloat16 or float16"),
+        (dict(out=out.transpose(1, 2).contiguous().transpose(1, 2)), "out must be contiguous"),
+        (dict(j=S), "out of range"),
+        (dict(j=-1), "out of range"),
+        (dict(table=plan.table[:, :5].contiguous()), "table must be"),
+        (dict(table=plan.table.double()), "table must be"),
+        (dict(rng=torch.tensor([1])), "rng must be"),
+        (dict(rng=torch.tensor([1.0, 0.0])), "rng must be"),
+        (dict(x_prev=torch.empty(2, 3, 5)), "x_prev has shape"),
+        (dict(x_prev=torch.empty_like(x, dtype=torch.bfloat16)), "x_prev must be float32"),
+        (dict(x_low=torch.empty_like(x)), "x_low must be bfloat16 or float16"),
+        (dict(clip=2), "needs s"),
+        (dict(clip=2, s=torch.ones(3)), "s must be"),
+        (dict(pred=3), "pred must be"),
+    ]
+    for change, message in bad:
+        kw = dict(x=x, out=out, table=plan.table, j=0, rng=rng, x_prev=prev)
+        kw.update(change)
+        with pytest.raises(RuntimeError, match=message):
+            C.ddim_step(**kw)
+    assert "table" in C.ddim_step.__doc__
+
+
+def test_missing_extension_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_ops, "extension_error", lambda: "the C++ extension fastddim._C is not built (test); " + _ops.BUILD_HINT)
+    for backend in ("cpp", "cuda"):
+        with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+            resolve_backend(backend, torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_cuda_backend_on_cpu_is_an_error():
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available on cpu"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+# -------------------------------------------------------------- torch.library / torch.compile
+def test_custom_op_compiles_fullgraph(C):
+    plan = make_plan(SCHEDULE, S, eta=1.0, thresholding=True)
+    step = make_step("cpp", plan, 5)
+    x, out = inputs((2, 3, 8, 8), torch.float32)
+
+    def loop(x, out):
+        for j in range(3):
+            x, _ = step(x, 0.9 * out + 0.1 * x, j, 4)
+        return x
+
+    compiled = torch.compile(loop, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, out), loop(x, out))
+
+
+def test_custom_op_opcheck(C):
+    from fastddim.dispatch import _rng_state
+
+    plan = make_plan(SCHEDULE, S, eta=1.0)
+    x, out = inputs((2, 3, 5), torch.bfloat16)
+    args = (x, out, plan.table, 1, _rng_state(2**64 - 1, 3, "cpu"), None, "cpp", 0, 1, 1.0, False, False, True, True, torch.bfloat16)
+    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# -------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
+@pytest.mark.parametrize("eta", ETAS, ids=str)
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_step_matches_reference(backend, pred, eta, dtype, atol, rtol):
+    if available_backends(torch.device("cuda"))[backend] is not None:
+        pytest.skip(available_backends(torch.device("cuda"))[backend])
+    for clip in CLIPS:
+        plan = make_plan(SCHEDULE, S, eta=eta, prediction_type=pred, **CLIPS[clip])
+        for shape in CPP_SHAPES + [(64, 3, 32, 32)]:
+            check_against_reference(backend, plan, shape, dtype, 4 * atol, 4 * rtol, range(S), device="cuda")
+    plan = make_plan(SCHEDULE, S, eta=eta, prediction_type=pred, thresholding=True, sample_max_value=3.0)
+    check_against_reference(backend, plan, (4, 3, 37, 37), dtype, 4 * atol, 4 * rtol, range(S), device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_graph_replays_with_new_seed(backend):
+    """The seed and first index are read from a device tensor: a captured step replays with new ones."""
+    if available_backends(torch.device("cuda"))[backend] is not None:
+        pytest.skip(available_backends(torch.device("cuda"))[backend])
+    from fastddim.dispatch import _rng_state
+
+    plan = make_plan(SCHEDULE, S, eta=1.0)
+    table = plan.table.cuda()
+    x, out = inputs((4, 3, 16, 16), torch.float32, device="cuda")
+    rng = _rng_state(1, 0, "cuda")
+
+    def run():
+        return torch.ops.fastddim.ddim_step(x, out, table, 2, rng, None, backend, 0, 0, 1.0, False, False, True, False, None)[0]
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        run()  # compile / warm up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for seed, first in ((1, 0), (2**64 - 3, 9), (77, 123)):
+        rng.copy_(_rng_state(seed, first, "cuda"))
+        graph.replay()
+        want, _ = reference_step(plan, x, out, 2, seed, first)
+        assert_close(captured.clone(), want, 4e-5, 4e-5, f"graph replay seed={seed} first={first}")
