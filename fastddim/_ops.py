@@ -43,7 +43,16 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-@torch.library.custom_op("fastddim::ddim_step", mutates_args=())
+# Defined with the low-level Library API rather than torch.library.custom_op: the latter imports
+# torch._dynamo on the first call (seconds) and adds Python overhead to every call.
+_lib = torch.library.Library("fastddim", "DEF")
+_lib.define(
+    "ddim_step(Tensor x, Tensor out, Tensor table, int j, Tensor rng, Tensor? s, str backend, int pred, "
+    "int clip, float clip_range, bool clipped_eps, bool sigma_hat, bool noise, bool need_x0, "
+    "ScalarType? low_dtype) -> (Tensor, Tensor, Tensor)"
+)
+
+
 def ddim_step(
     x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, rng: torch.Tensor,
     s: torch.Tensor | None, backend: str, pred: int, clip: int, clip_range: float,
@@ -54,6 +63,7 @@ def ddim_step(
     x: (B, *shape) contiguous fp32; out: same shape, fp32/bf16/fp16; table: the plan's (S, 6)
     fp32 table on x's device; rng: int64 (2,) = (seed bits, first_index) on x's device; s: (B,)
     fp32 thresholds (clip=2); backend: "triton", "cpp" or "cuda". Codes as in kernels/ddim_step.py.
+    Call it as torch.ops.fastddim.ddim_step(...).
     """
     x_prev = torch.empty_like(x)
     x0 = torch.empty_like(x) if need_x0 else None
@@ -70,7 +80,10 @@ def ddim_step(
     return x_prev, x0 if x0 is not None else _empty(x), x_low if x_low is not None else _empty(x)
 
 
-@ddim_step.register_fake
+_lib.impl("ddim_step", ddim_step, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastddim::ddim_step", lib=_lib)
 def _(x, out, table, j, rng, s, backend, pred, clip, clip_range, clipped_eps, sigma_hat, noise, need_x0, low_dtype):
     x_prev = torch.empty_like(x)
     x0 = torch.empty_like(x) if need_x0 else _empty(x)

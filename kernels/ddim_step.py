@@ -247,7 +247,8 @@ def philox4x32(ctr: torch.Tensor, seed: int) -> torch.Tensor:
     ctr = ctr.contiguous()
     res = torch.empty_like(ctr)
     m = ctr.shape[0]
-    _philox_kernel[(triton.cdiv(m, 64),)](ctr, res, rng_state(seed, 0, ctr.device), m, BLOCK=64)
+    block = 1024 if _INTERPRET else 128
+    _philox_kernel[(triton.cdiv(m, block),)](ctr, res, rng_state(seed, 0, ctr.device), m, BLOCK=block)
     return res
 
 
