@@ -1,0 +1,345 @@
+"""The ``fastddim`` command line.
+
+A few tests run it exactly as a user does (``python -m fastddim ...`` in a subprocess: about
+3 s each, mostly importing torch); the rest call ``fastddim.cli.main(argv)`` in this process,
+which is the same code path after the interpreter has started.
+
+The model is a tiny conv net written to a file and named with ``--model path/file.py:factory``
+(the CLI's import spec), so nothing here needs trained weights; one test also goes through a
+real (tiny) safetensors checkpoint when ``fastddim.train`` is there.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_MODEL = '''
+import torch
+from fastddim import Schedule
+
+
+class Tiny(torch.nn.Module):
+    """eps = 0.5 tanh(conv(x) + embed(t)): cheap, deterministic, batch-invariant."""
+
+    def __init__(self, c, hw):
+        super().__init__()
+        self.sample_shape = (c, hw, hw)
+        self.schedule = Schedule.linear()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.temb = torch.nn.Linear(1, c)
+
+    def forward(self, x, t):
+        h = self.temb((t.float() / 1000)[:, None])[:, :, None, None]
+        return 0.5 * torch.tanh(self.conv(x) + h)
+
+
+def gray():
+    torch.manual_seed(0)
+    return Tiny(1, 8)
+
+
+def rgb():
+    torch.manual_seed(0)
+    return Tiny(3, 12)
+
+
+not_a_model = 42
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    (d / "tiny.py").write_text(TINY_MODEL)
+    return str(d / "tiny.py")
+
+
+def run(*args, cwd=None, env=None, check=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1")  # tiny tensors: threads only add overhead
+    e.pop("FASTDDIM_DEBUG", None)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "fastddim", *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd, env=e, timeout=120)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``cli(*args)``: run ``fastddim.cli.main`` in this process, like ``run`` does in a subprocess."""
+    import torch
+
+    from fastddim.cli import main
+
+    monkeypatch.delenv("FASTDDIM_DEBUG", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def call(*args, cwd=None, check=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: usage errors and --help
+            code = e.code
+        out, err = capsys.readouterr()
+        r = Result(code, out, err)
+        if check is not None:
+            assert code == check, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+        return r
+
+    yield call
+    torch.set_num_threads(threads)
+
+
+def assert_one_line_error(p, code=None, contains=()):
+    assert p.returncode != 0, p.stdout
+    if code is not None:
+        assert p.returncode == code, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("fastddim: error: "), lines[0]
+    for s in contains:
+        assert s in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------- as a user runs it
+def test_sample_png_grid_subprocess(tiny, tmp_path):
+    out = tmp_path / "grid.png"
+    p = run("sample", "-n", 10, "--steps", 3, "--model", f"{tiny}:gray", "-o", out, check=0)
+    assert "images/s" in p.stdout and str(out) in p.stdout
+    with Image.open(out) as im:
+        im.load()
+        # 10 images -> 4 per row, 3 rows; 8x8 each with 2 px padding
+        assert im.format == "PNG" and im.mode == "L" and im.size == (4 * 10 + 2, 3 * 10 + 2)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporaries left
+
+
+def test_help_subprocess():
+    p = run("generate", "--help", check=0)
+    assert p.stdout.startswith("usage: fastddim generate") and "torchrun" in p.stdout and p.stderr == ""
+
+
+def test_bad_number_subprocess():
+    assert_one_line_error(run("sample", "-n", "0"), code=2, contains=["-n"])
+
+
+def test_missing_model_file_subprocess(tmp_path):
+    p = run("sample", "-n", 1, "--model", tmp_path / "nope.safetensors", "-o", tmp_path / "o.png")
+    assert_one_line_error(p, code=1, contains=["not found", "nope.safetensors"])
+
+
+def test_corrupt_checkpoint_subprocess(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(os.urandom(4096))
+    p = run("sample", "-n", 1, "--model", bad, "-o", tmp_path / "o.png")
+    assert_one_line_error(p, code=1, contains=[str(bad)])
+
+
+def test_debug_env_raises(tmp_path, monkeypatch):
+    """FASTDDIM_DEBUG=1: the exception propagates (a traceback) instead of the one-line error."""
+    from fastddim.cli import CliError, main
+
+    monkeypatch.setenv("FASTDDIM_DEBUG", "1")
+    with pytest.raises((CliError, ValueError)):
+        main(["sample", "-n", "1", "--model", "no_such_model", "-o", str(tmp_path / "o.png")])
+
+
+# ---------------------------------------------------------------------------------- sample
+def test_sample_npz_layout_and_batch_invariance(cli, tiny, tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    p = cli("sample", "-n", 6, "--steps", 2, "--eta", 1, "--model", f"{tiny}:rgb", "-o", a, check=0)
+    assert "images/s" in p.stdout and str(a) in p.stdout
+    cli("sample", "-n", 4, "--steps", 2, "--eta", 1, "-b", 3, "--first-index", 2, "--model", f"{tiny}:rgb",
+        "-o", b, check=0)
+    with np.load(a) as z:
+        assert z.files == ["arr_0"]
+        x = z["arr_0"]
+    assert x.dtype == np.uint8 and x.shape == (6, 12, 12, 3)
+    assert x.min() < x.max()
+    with np.load(b) as z:
+        np.testing.assert_array_equal(z["arr_0"], x[2:])  # image i depends only on (seed, i)
+
+
+def test_sample_grid_matches_npz(cli, tiny, tmp_path):
+    cli("sample", "-n", 5, "--steps", 2, "--nrow", 5, "--model", f"{tiny}:rgb", "-o", tmp_path / "g.png", check=0)
+    cli("sample", "-n", 5, "--steps", 2, "--model", f"{tiny}:rgb", "-o", tmp_path / "g.npz", check=0)
+    with Image.open(tmp_path / "g.png") as im, np.load(tmp_path / "g.npz") as z:
+        g = np.asarray(im)
+        assert im.mode == "RGB" and g.shape == (12 + 4, 5 * 14 + 2, 3)
+        for i in range(5):
+            np.testing.assert_array_equal(g[2:14, 2 + 14 * i:14 + 14 * i], z["arr_0"][i])
+
+
+def test_sample_png_folder(cli, tiny, tmp_path):
+    out = tmp_path / "pngs"
+    cli("sample", "-n", 3, "--steps", 2, "--first-index", 5, "--model", f"{tiny}:rgb", "-o", f"{out}/", check=0)
+    assert sorted(os.listdir(out)) == ["000005.png", "000006.png", "000007.png"]
+    with Image.open(out / "000005.png") as im:
+        assert im.mode == "RGB" and im.size == (12, 12)
+
+
+def test_invert_then_decode_and_interpolate(cli, tiny, tmp_path):
+    imgs = tmp_path / "imgs.npz"
+    cli("sample", "-n", 2, "--steps", 4, "--model", f"{tiny}:gray", "-o", imgs, check=0)
+    lat = tmp_path / "lat.npz"
+    p = cli("invert", "-i", imgs, "--steps", 4, "--model", f"{tiny}:gray", "-o", lat, check=0)
+    assert "--latents" in p.stdout
+    with np.load(lat) as z:
+        assert z["arr_0"].dtype == np.float32 and z["arr_0"].shape == (2, 1, 8, 8)
+    rec = tmp_path / "rec.npz"
+    cli("sample", "--latents", lat, "--steps", 4, "--model", f"{tiny}:gray", "-o", rec, check=0)
+    with np.load(rec) as z, np.load(imgs) as y:
+        assert z["arr_0"].shape == y["arr_0"].shape
+
+    grid = tmp_path / "path.png"
+    cli("interpolate", "--seed", 3, "--seed2", 4, "--num", 5, "--steps", 3, "--model", f"{tiny}:gray", "-o", grid,
+        check=0)
+    with Image.open(grid) as im:
+        assert im.size == (5 * 10 + 2, 10 + 2)  # one row of 5
+    # the endpoints are the samples of the two seeds
+    ends = tmp_path / "ends.npz"
+    cli("interpolate", "--seed", 3, "--seed2", 4, "--num", 3, "--steps", 3, "--model", f"{tiny}:gray", "-o", ends,
+        check=0)
+    s3, s4 = tmp_path / "s3.npz", tmp_path / "s4.npz"
+    cli("sample", "-n", 1, "--seed", 3, "--steps", 3, "--model", f"{tiny}:gray", "-o", s3, check=0)
+    cli("sample", "-n", 1, "--seed", 4, "--steps", 3, "--model", f"{tiny}:gray", "-o", s4, check=0)
+    with np.load(ends) as e, np.load(s3) as a, np.load(s4) as b:
+        np.testing.assert_array_equal(e["arr_0"][0], a["arr_0"][0])
+        np.testing.assert_array_equal(e["arr_0"][-1], b["arr_0"][0])
+
+
+def test_invert_png_input(cli, tiny, tmp_path):
+    d = tmp_path / "pngs"
+    cli("sample", "-n", 2, "--steps", 2, "--model", f"{tiny}:gray", "-o", f"{d}/", check=0)
+    lat = tmp_path / "lat.npz"
+    cli("invert", "-i", d / "000000.png", d / "000001.png", "--steps", 2, "--model", f"{tiny}:gray", "-o", lat,
+        check=0)
+    with np.load(lat) as z:
+        assert z["arr_0"].shape == (2, 1, 8, 8)
+
+
+# ------------------------------------------------------------------------------------ help
+@pytest.mark.parametrize("cmd", [[], ["sample"], ["invert"], ["interpolate"], ["generate"], ["train"]])
+def test_help(cli, cmd):
+    p = cli(*cmd, "--help", check=0)
+    assert p.stdout.startswith("usage: fastddim")
+    assert "example" in p.stdout  # every command's --help shows examples
+    assert p.stderr == ""
+
+
+def test_no_command_is_a_usage_error(cli):
+    assert_one_line_error(cli(), code=2)
+
+
+def test_eval_hook(cli, monkeypatch):
+    """``fastddim eval`` appears exactly when fastddim.evaluate exists, through its two functions."""
+    import importlib.util
+    import types
+
+    import fastddim.cli as cli_mod
+
+    if importlib.util.find_spec("fastddim.evaluate") is None:
+        assert_one_line_error(cli("eval"), code=2, contains=["eval"])
+    fake = types.ModuleType("fastddim.evaluate")
+    fake.__doc__ = "Fake evaluation."
+    fake.add_eval_arguments = lambda p: p.add_argument("--metric", default="fid")
+    fake.run_eval = lambda args: print(f"metric={args.metric}") or 0
+    monkeypatch.setitem(sys.modules, "fastddim.evaluate", fake)
+    monkeypatch.setattr(cli_mod.importlib.util, "find_spec", lambda name: True)
+    p = cli("eval", "--metric", "is", check=0)
+    assert p.stdout.strip() == "metric=is"
+
+
+# ---------------------------------------------------------------------------- user errors
+@pytest.mark.parametrize(
+    "args, code, contains",
+    [
+        (["sample", "-n", "abc"], 2, ["-n"]),
+        (["sample", "--steps", "1.5"], 2, ["--steps"]),
+        (["sample", "--spacing", "cubic"], 2, ["--spacing"]),
+        (["sample", "--eta", "-1"], 2, ["--eta"]),
+        (["sample", "--seed", "-3"], 2, ["--seed"]),
+        (["sample", "--dtype", "int8"], 2, ["--dtype"]),
+        (["sample", "-o", "out.jpg", "MODEL"], 2, [".png"]),
+        (["sample", "--bogus"], 2, ["--bogus"]),
+        (["frobnicate"], 2, ["frobnicate"]),
+        (["sample", "--steps", "5000", "MODEL"], 1, ["steps"]),
+        (["sample", "--device", "tpu", "MODEL"], 2, ["device"]),
+        (["sample", "--backend", "warp", "MODEL"], 1, ["backend"]),
+        (["sample", "--model", "no_such_model"], 1, ["no_such_model"]),
+        (["sample", "--model", "no/such/file.safetensors"], 1, ["not found"]),
+        (["sample", "--model", "no_such_module_xyz:make"], 1, ["no_such_module_xyz"]),
+        (["sample", "--model", "TINY:missing"], 1, ["missing"]),
+        (["sample", "--model", "TINY:not_a_model"], 1, ["not_a_model"]),
+        (["sample", "--latents", "nope.npz", "MODEL"], 1, ["nope.npz"]),
+        (["sample", "--latents", "GARBAGE", "MODEL"], 1, ["cannot read"]),
+        (["invert", "-i", "nope.png", "MODEL"], 1, ["nope.png"]),
+        (["invert", "-i", "GARBAGE", "MODEL"], 1, ["cannot read"]),
+        (["invert", "-i", "BIG", "MODEL"], 1, ["(1, 8, 8)"]),
+        (["generate", "--out", "x"], 2, ["-n"]),
+        (["generate", "-n", "4", "--out", "x", "--shard-size", "0"], 2, ["--shard-size"]),
+        (["train", "--lr", "nan"], 2, ["--lr"]),
+        (["train", "--model", "nope.json"], 1, ["nope.json"]),
+    ],
+)
+def test_bad_input_is_one_line(cli, tiny, tmp_path, args, code, contains):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG this is not an image")
+    big = tmp_path / "big.png"
+    Image.new("L", (9, 9)).save(big)
+    subst = {"TINY:missing": f"{tiny}:missing", "TINY:not_a_model": f"{tiny}:not_a_model", "GARBAGE": str(garbage),
+             "BIG": str(big)}
+    args = [subst.get(a, a) for a in args]
+    if "MODEL" in args:
+        args = [a for a in args if a != "MODEL"] + ["--model", f"{tiny}:gray"]
+    if args and args[0] == "sample" and "-o" not in args:
+        args += ["-o", str(tmp_path / "o.png")]
+    assert_one_line_error(cli(*args, cwd=tmp_path), code=code, contains=contains)
+
+
+def test_corrupt_checkpoint_is_one_line(cli, tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"")
+    assert_one_line_error(cli("sample", "-n", 1, "--model", bad, "-o", tmp_path / "o.png"), code=1,
+                          contains=[str(bad)])
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}      ")  # a header, but not a checkpoint
+    assert_one_line_error(cli("sample", "-n", 1, "--model", bad, "-o", tmp_path / "o.png"), code=1)
+
+
+def test_output_folder_missing(cli, tiny, tmp_path):
+    p = cli("sample", "-n", 1, "--model", f"{tiny}:gray", "-o", tmp_path / "no" / "dir" / "o.png")
+    assert_one_line_error(p, code=1, contains=["does not exist"])
+
+
+# ----------------------------------------------------------------- a real checkpoint file
+def test_checkpoint_from_train(cli, tmp_path):
+    pytest.importorskip("fastddim.train")
+    import torch
+
+    from fastddim.models.unet import UNet, UNetConfig
+    from fastddim.train import save_checkpoint
+
+    cfg = UNetConfig(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                     dropout=0.0, resolution=8, groups=4)
+    torch.manual_seed(0)
+    net = UNet(cfg)
+    ck = tmp_path / "tiny.safetensors"
+    save_checkpoint(ck, model=net, ema=net, step=0, schedule_kind="linear")
+    out = tmp_path / "s.npz"
+    cli("sample", "-n", 3, "--steps", 2, "--model", ck, "-o", out, check=0)
+    with np.load(out) as z:
+        assert z["arr_0"].shape == (3, 8, 8, 1)
