@@ -307,12 +307,13 @@ def generate(
             raise ValueError(f"{manifest_path} is unreadable ({e}); delete it (and the run) or use another --out") from None
         if old_hash != chash:
             raise _mismatch(out_dir, "the run (manifest.json)", config, old.get("config", {}))
+    elif os.path.exists(samples_path):
+        raise ValueError(f"{samples_path} exists but {manifest_path} does not: not overwriting a file of unknown "
+                         "origin; use another --out folder")
     if old is not None and old.get("complete") and os.path.exists(samples_path):
         if rank == 0:
             log(f"fastddim: {samples_path} is already complete ({n} images); nothing to do")
         return old if rank == 0 else None
-    if rank == 0:
-        save_json(manifest_path, manifest)
 
     # --- every shard on disk must come from this configuration (checked by every rank, cheaply)
     ranges = shard_ranges(n, shard_size)
@@ -325,6 +326,9 @@ def generate(
                 continue  # unreadable: its owner makes it again below
             if meta["config_hash"] != chash:
                 raise _mismatch(out_dir, f"shard {name}", config, meta["config"])
+
+    if rank == 0:
+        save_json(manifest_path, manifest)
 
     # --- my shards: keep the good ones, (re)make the others
     mine = [k for k in range(len(ranges)) if k % world == rank]

