@@ -37,10 +37,29 @@ struct Coefs {
   float sqrt_a, sqrt_1ma, c_x0, c_eps, c_xt, sigma;
 };
 
-// x_{t-1} without the noise term; x0 gets the clipped x0 prediction. s: this sample's threshold.
+// How x0 is clipped and which update is used, resolved per sample so the element math has no
+// branches (the CPU loop vectorises, GPU warps do not diverge): x0 = clamp(x0, lo, hi) / div with
+// (lo, hi, div) = (-inf, inf, 1) for no clipping, (-r, r, 1) for a range, (-s, s, s) for dynamic
+// thresholding. Dividing by 1 and clamping to +-inf are exact, so this rounds as the reference.
+struct Mode {
+  float lo, hi, div;
+  bool clipped_eps, sigma_hat;
+};
+
+FASTDDIM_HD Mode sample_mode(const StepArgs& a, int64_t b) {
+  const float inf = INFINITY;
+  if (a.clip == kClipThreshold) {
+    const float s = a.s[b];
+    return {-s, s, s, a.clipped_eps, a.sigma_hat};
+  }
+  if (a.clip == kClipRange) return {-a.clip_range, a.clip_range, 1.0f, a.clipped_eps, a.sigma_hat};
+  return {-inf, inf, 1.0f, a.clipped_eps, a.sigma_hat};
+}
+
+// x_{t-1} without the noise term; x0 gets the clipped x0 prediction. Every candidate is computed
+// and selected, so the loop has no control flow; each expression rounds as its torch op does.
 template <int PRED>
-FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, int clip, float clip_range, float s,
-                            bool clipped_eps, bool sigma_hat, float& x0) {
+FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, const Mode& m, float& x0) {
   float eps;
   if (PRED == kEpsilon) {
     x0 = (x - c.sqrt_1ma * o) / c.sqrt_a;
@@ -53,13 +72,12 @@ FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, int clip, float cl
     eps = c.sqrt_a * o + c.sqrt_1ma * x;
   }
   // Written with comparisons so a NaN passes through, as torch.clamp does.
-  if (clip == kClipRange) {
-    x0 = x0 < -clip_range ? -clip_range : (x0 > clip_range ? clip_range : x0);
-  } else if (clip == kClipThreshold) {
-    x0 = (x0 < -s ? -s : (x0 > s ? s : x0)) / s;
-  }
-  if (clipped_eps) eps = (x - c.sqrt_a * x0) / c.sqrt_1ma;
-  return sigma_hat ? c.c_x0 * x0 + c.c_xt * x : c.c_x0 * x0 + c.c_eps * eps;
+  x0 = (x0 < m.lo ? m.lo : (x0 > m.hi ? m.hi : x0)) / m.div;
+  const float eps_clipped = (x - c.sqrt_a * x0) / c.sqrt_1ma;
+  eps = m.clipped_eps ? eps_clipped : eps;
+  const float ddim = c.c_x0 * x0 + c.c_eps * eps;
+  const float posterior = c.c_x0 * x0 + c.c_xt * x;
+  return m.sigma_hat ? posterior : ddim;
 }
 
 void ddim_step_cpu(const StepArgs& a);

@@ -2,8 +2,8 @@
 // Reads 4 B (x_t) + 4 or 2 B (model output) and writes 4 B (x_{t-1}) per element, plus 4 B (x0)
 // and 2 B (low-precision copy) when asked. Parallel over Philox groups with at::parallel_for;
 // each task works in chunks of kChunk groups: first the chunk's normals into a small buffer
-// (Philox + Box-Muller, one group of 4 per call), then a branch-light element loop the compiler
-// can vectorise (the runtime flags are loop-invariant and get unswitched at -O3).
+// (Philox + Box-Muller, one group of 4 per call: libm calls, scalar), then a branch-free element
+// loop that the compiler vectorises (noise and x0 are template flags, clipping is per-sample data).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -27,7 +27,7 @@ void store_low(void* low, int64_t base, const float* prev, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(prev[i]);
 }
 
-template <typename OutT, int PRED>
+template <typename OutT, int PRED, bool NOISE, bool WRITE_X0>
 void step_loop(const StepArgs& a) {
   const float* row = a.table + a.j * 6;
   const Coefs c{row[0], row[1], row[2], row[3], row[4], row[5]};
@@ -42,22 +42,21 @@ void step_loop(const StepArgs& a) {
     for (int64_t p = begin; p < end;) {
       const int64_t b = p / groups, g0 = p - b * groups;
       const int64_t g1 = std::min({groups, g0 + (end - p), g0 + kChunk});
-      if (a.noise) {
+      if (NOISE) {
         const uint32_t sample = static_cast<uint32_t>(first + b);
         for (int64_t g = g0; g < g1; ++g) gaussian4(seed, static_cast<uint32_t>(g), sample, step, z + 4 * (g - g0));
       }
       const int64_t e0 = 4 * g0, len = std::min(n, 4 * g1) - e0, base = b * n + e0;
-      const float s = a.clip == kClipThreshold ? a.s[b] : 1.0f;
-      const float* x = a.x + base;
-      const OutT* o = out + base;
-      float* prev = a.prev + base;
-      float* x0 = a.x0 ? a.x0 + base : nullptr;
+      const Mode m = sample_mode(a, b);
+      const float* __restrict__ x = a.x + base;
+      const OutT* __restrict__ o = out + base;
+      float* __restrict__ prev = a.prev + base;
+      float* __restrict__ x0 = WRITE_X0 ? a.x0 + base : nullptr;
       for (int64_t i = 0; i < len; ++i) {
         float x0v;
-        float v = step_mean<PRED>(x[i], to_float(o[i]), c, a.clip, a.clip_range, s, a.clipped_eps, a.sigma_hat, x0v);
-        if (a.noise) v = v + c.sigma * z[i];
-        prev[i] = v;
-        if (x0) x0[i] = x0v;
+        const float v = step_mean<PRED>(x[i], to_float(o[i]), c, m, x0v);
+        prev[i] = NOISE ? v + c.sigma * z[i] : v;
+        if (WRITE_X0) x0[i] = x0v;
       }
       if (a.low_dtype == kBF16) store_low<c10::BFloat16>(a.low, base, prev, len);
       if (a.low_dtype == kF16) store_low<c10::Half>(a.low, base, prev, len);
@@ -66,12 +65,21 @@ void step_loop(const StepArgs& a) {
   });
 }
 
+template <typename OutT, int PRED>
+void step_flags(const StepArgs& a) {
+  if (a.noise) {
+    a.x0 ? step_loop<OutT, PRED, true, true>(a) : step_loop<OutT, PRED, true, false>(a);
+  } else {
+    a.x0 ? step_loop<OutT, PRED, false, true>(a) : step_loop<OutT, PRED, false, false>(a);
+  }
+}
+
 template <typename OutT>
 void step_pred(const StepArgs& a) {
   switch (a.pred) {
-    case kEpsilon: return step_loop<OutT, kEpsilon>(a);
-    case kSample: return step_loop<OutT, kSample>(a);
-    default: return step_loop<OutT, kVPrediction>(a);
+    case kEpsilon: return step_flags<OutT, kEpsilon>(a);
+    case kSample: return step_flags<OutT, kSample>(a);
+    default: return step_flags<OutT, kVPrediction>(a);
   }
 }
 

@@ -55,11 +55,11 @@ __global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
     }
     float z[4] = {0.f, 0.f, 0.f, 0.f};
     if (a.noise) gaussian4(seed, static_cast<uint32_t>(g), static_cast<uint32_t>(first + b), step, z);
-    const float s = a.clip == kClipThreshold ? a.s[b] : 1.0f;
+    const Mode m = sample_mode(a, b);
     Pack4<float> pv, x0v;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      float v = step_mean<PRED>(xv[k], ov[k], c, a.clip, a.clip_range, s, a.clipped_eps, a.sigma_hat, x0v.v[k]);
+      const float v = step_mean<PRED>(xv[k], ov[k], c, m, x0v.v[k]);
       pv.v[k] = a.noise ? v + c.sigma * z[k] : v;
     }
     if (VEC) {

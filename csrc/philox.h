@@ -19,7 +19,9 @@ constexpr float kTwoPi = 6.2831855f;  // float32(2 pi), as in the spec
 
 // Philox-4x32-10 on c in place (Salmon et al. SC'11 / Random123).
 FASTDDIM_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int r = 0; r < 10; ++r) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c[0];
     const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c[2];
