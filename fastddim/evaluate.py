@@ -284,6 +284,11 @@ def figure_table1(res: dict, out: Path) -> Path:
         ax.axhline(m, color="gray", ls="--", lw=1, label="real train digits")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(list(res["steps"]))
     ax.set_xticklabels([str(s) for s in res["steps"]])
     ax.set_xlabel("S (model calls)")
@@ -426,7 +431,8 @@ def _write_report(path: Path, st: dict) -> None:
             "table1": "Table 1 as a plot",
             "table2": "Table 2 as a plot (log scale, with the paper's column)",
         }
-        for k, name in figs.items():
+        order = ["consistency", "interpolation", "reconstructions", "table1", "table2"]
+        for k, name in sorted(figs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             a(f"- {titles.get(k, k)}: [{name}]({name})")
             a("")
             a(f"  ![{k}]({name})")
