@@ -418,6 +418,12 @@ def _write_report(path: Path, st: dict) -> None:
             ok = "" if p == "" else ("yes" if r["mse"] <= p else "**no**")
             a(f"| {s} | {r['n']} | {r['mse']:.2e} ± {r['se']:.1e} | {p} | {ok} | {r['max']:.2e} | {r['seconds']:.0f} |")
         a("")
+        done = [s for s in t2["steps"] if str(s) in t2["rows"] and s in PAPER_TABLE2]
+        if done:
+            ok = [s for s in done if t2["rows"][str(s)]["mse"] <= PAPER_TABLE2[s]]
+            a(f"Observed: at or below the paper's CIFAR-10 value at {len(ok)} of {len(done)} step counts"
+              + (f" (not at S = {', '.join(str(s) for s in done if s not in ok)})." if len(ok) < len(done) else "."))
+            a("")
         a(f"Table 2 time: {t2['seconds'] / 60:.1f} min for {t2['evals']:,} network evaluations.")
         a("")
     figs = st.get("figures") or {}
