@@ -5,8 +5,9 @@
 // are aligned. Built with --fmad=false and without --use_fast_math: IEEE division and sqrt, the
 // accurate logf/sincosf, so it rounds as the CPU kernel does. All scalars (table row j, seed,
 // first index) are read on the device: nothing here syncs, and a captured graph can be replayed.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -47,10 +48,13 @@ __global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
         xv[k] = xp.v[k];
         ov[k] = static_cast<float>(op.v[k]);
       }
-    } else {
-      for (int k = 0; k < cnt; ++k) {
-        xv[k] = a.x[base + k];
-        ov[k] = static_cast<float>(out[base + k]);
+    } else {  // constant trip counts, unrolled: the small arrays stay in registers
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (k < cnt) {
+          xv[k] = a.x[base + k];
+          ov[k] = static_cast<float>(out[base + k]);
+        }
       }
     }
     float z[4] = {0.f, 0.f, 0.f, 0.f};
@@ -66,15 +70,18 @@ __global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
       *reinterpret_cast<Pack4<float>*>(a.prev + base) = pv;
       if (a.x0) *reinterpret_cast<Pack4<float>*>(a.x0 + base) = x0v;
     } else {
-      for (int k = 0; k < cnt; ++k) {
-        a.prev[base + k] = pv.v[k];
-        if (a.x0) a.x0[base + k] = x0v.v[k];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (k < cnt) {
+          a.prev[base + k] = pv.v[k];
+          if (a.x0) a.x0[base + k] = x0v.v[k];
+        }
       }
     }
-    if (a.low_dtype == kBF16) {
-      for (int k = 0; k < cnt; ++k) static_cast<c10::BFloat16*>(a.low)[base + k] = c10::BFloat16(pv.v[k]);
-    } else if (a.low_dtype == kF16) {
-      for (int k = 0; k < cnt; ++k) static_cast<c10::Half*>(a.low)[base + k] = c10::Half(pv.v[k]);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (k < cnt && a.low_dtype == kBF16) static_cast<c10::BFloat16*>(a.low)[base + k] = c10::BFloat16(pv.v[k]);
+      if (k < cnt && a.low_dtype == kF16) static_cast<c10::Half*>(a.low)[base + k] = c10::Half(pv.v[k]);
     }
   }
 }
@@ -99,9 +106,12 @@ __global__ void _philox_kernel(const int64_t* ctr, int64_t* res, int64_t m, uint
   for (int k = 0; k < 4; ++k) res[4 * i + k] = c[k];
 }
 
+// Enough blocks to fill the GPU a few times over; the grid-stride loop covers the rest.
 int blocks_for(int64_t work) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, sms * 16)));
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t{sms} * 16)));
 }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -111,7 +121,7 @@ void launch(const StepArgs& a) {
   const int64_t total = a.batch * ((a.numel + 3) / 4);
   const bool vec = a.numel % 4 == 0 && aligned16(a.x) && aligned16(a.prev) && aligned16(a.x0) &&
                    reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(OutT)) == 0;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (vec) {
     _ddim_step_kernel<OutT, PRED, true><<<blocks_for(total), kThreads, 0, stream>>>(a);
   } else {
@@ -143,14 +153,14 @@ void ddim_step_cuda(const StepArgs& a) {
 void normal_cuda(float* res, int64_t n, int64_t numel, uint64_t seed, int64_t first_index, int64_t step) {
   const int64_t work = n * ((numel + 3) / 4);
   if (work == 0) return;
-  _normal_kernel<<<blocks_for(work), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  _normal_kernel<<<blocks_for(work), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       res, n, numel, seed, first_index, static_cast<uint32_t>(step));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void philox_cuda(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed) {
   if (m == 0) return;
-  _philox_kernel<<<static_cast<int>((m + kThreads - 1) / kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  _philox_kernel<<<static_cast<int>((m + kThreads - 1) / kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       ctr, res, m, seed);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
