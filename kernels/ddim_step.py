@@ -151,11 +151,13 @@ def _ddim_step_kernel(
         x0 = sqrt_a * x - sqrt_1ma * o
         eps = sqrt_a * o + sqrt_1ma * x
 
+    # NaN propagates through the clamp, as in torch.clamp.
     if CLIP == 1:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        x0 = tl.minimum(tl.maximum(x0, -clip_range, tl.PropagateNan.ALL), clip_range, tl.PropagateNan.ALL)
     elif CLIP == 2:
         s = tl.load(s_ptr + b)
-        x0 = tl.math.div_rn(tl.minimum(tl.maximum(x0, -s), s), s)
+        x0 = tl.minimum(tl.maximum(x0, -s, tl.PropagateNan.ALL), s, tl.PropagateNan.ALL)
+        x0 = tl.math.div_rn(x0, s)
     if CLIPPED_EPS:
         eps = tl.math.div_rn(x - sqrt_a * x0, sqrt_1ma)
 
