@@ -117,7 +117,11 @@ def init_distributed(device: str | torch.device | None = None) -> tuple[int, int
     if world > 1 and not torch.distributed.is_initialized():
         # Ranks only meet at the final barrier; allow for uneven progress (e.g. after a resume).
         hours = float(os.environ.get("FASTDDIM_DIST_TIMEOUT_HOURS", "48"))
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=hours))
+        try:
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=hours))
+        except RuntimeError as e:  # rendezvous, network or NCCL set-up problems: say so in one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"rank {rank}: cannot join the process group ({world} processes): {msg}") from e
     return rank, world, dev
 
 
@@ -247,6 +251,8 @@ def generate(
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
     out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output folder {out_dir!r} is a file")
     schedule = _resolve_schedule(model, None)
     plan = make_plan(schedule, steps, eta=eta, spacing=spacing, **plan_kwargs)
     shape = _resolve_shape(model, None, None)
