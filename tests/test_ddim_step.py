@@ -213,6 +213,10 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
+def test_auto_picks_cpp_on_cpu_when_built(C):
+    assert resolve_backend("auto", torch.device("cpu")) == "cpp"
+
+
 def test_cuda_backend_on_cpu_is_an_error():
     with pytest.raises(RuntimeError, match="backend='cuda' is not available on cpu"):
         resolve_backend("cuda", torch.device("cpu"))
