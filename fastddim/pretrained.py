@@ -66,6 +66,7 @@ class Checkpoint:
     optim: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    schedule_json: str = ""
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -95,7 +96,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except (KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"{path}: bad checkpoint metadata ({e!r})") from e
 
-    ck = Checkpoint(path=path, config=config, schedule=schedule, step=step, ema={}, train=train_args)
+    ck = Checkpoint(path=path, config=config, schedule=schedule, step=step, ema={}, train=train_args,
+                    schedule_json=meta["schedule"])
     for k, v in tensors.items():
         group, _, rest = k.partition(".")
         if group in ("model", "ema", "rng"):

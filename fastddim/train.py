@@ -22,7 +22,7 @@ import torch
 from .models.unet import UNet, UNetConfig
 from .pretrained import FORMAT, load_checkpoint, schedule_to_json
 
-__all__ = ["train", "save_checkpoint"]
+__all__ = ["train", "save_checkpoint", "export_weights"]
 
 _SCHEDULES = ("linear", "scaled_linear", "cosine")
 
@@ -98,6 +98,16 @@ def save_checkpoint(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def export_weights(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write the EMA weights of training checkpoint ``src`` as a weights-only file ``dst``
+    (what ``fastddim/weights/`` holds): same format, no raw weights, optimizer or RNG state."""
+    ck = load_checkpoint(src)
+    net = UNet(ck.config, schedule=ck.schedule)
+    net.load_state_dict(ck.ema)
+    kind = json.loads(ck.schedule_json)["kind"]
+    save_checkpoint(dst, model=net, ema=net, step=ck.step, schedule_kind=kind, train_args=ck.train, dtype=dtype)
 
 
 def _lr_at(step: int, lr: float, warmup: int) -> float:
