@@ -27,6 +27,11 @@ CPU_SIZES = [(1, 3, 32, 32), (64, 3, 32, 32), (1024, 3, 32, 32)]
 GPU_SIZES = CPU_SIZES + [(256, 3, 64, 64), (1024, 3, 64, 64)]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 ETAS = [pytest.param(0.0, id="eta0"), pytest.param(1.0, id="eta1")]
+# Intra-op threads on the CPU (torch's and at::parallel_for's alike). One thread is the robust
+# figure on a shared machine: with every core busy elsewhere, a parallel region waits for its
+# slowest thread's next time slice (several ms) and the multi-thread medians say more about the
+# neighbours than about the kernels.
+THREADS = sorted({1, torch.get_num_threads()})
 
 
 def _cpu_model() -> str:
@@ -48,7 +53,7 @@ def _versions() -> dict:
             "threads": torch.get_num_threads(), "nproc": os.cpu_count(), "cpu": _cpu_model()}
 
 
-def _run(benchmark, record_median, backend: str, device: str, shape, dtype, eta: float) -> None:
+def _run(benchmark, record_median, backend: str, device: str, shape, dtype, eta: float, threads: int | None = None) -> None:
     reason = available_backends(torch.device(device))[backend]
     if reason is not None:
         pytest.skip(reason)
@@ -70,24 +75,33 @@ def _run(benchmark, record_median, backend: str, device: str, shape, dtype, eta:
     numel = x.numel()
     slow = device == "cpu" and backend == "torch" and numel >= 1 << 20
     rounds = 3 if slow else (10 if numel >= 1 << 20 else 50)
-    with torch.inference_mode():
-        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+    saved = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.inference_mode():
+            benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(saved)
     nbytes = numel * (4 + out.element_size() + 4)
     median = benchmark.stats.stats.median
-    key = (device, tuple(shape), str(dtype).replace("torch.", ""), f"eta={eta}")
+    key = (device, "x".join(map(str, shape)), str(dtype).replace("torch.", ""), f"eta={eta}", f"threads={threads or saved}")
     record_median(key, backend, median)
     benchmark.extra_info.update(
         backend=backend, device=device if device == "cpu" else torch.cuda.get_device_name(), shape=list(shape),
         out_dtype=str(dtype), eta=eta, bytes=nbytes, GBps=round(nbytes / median / 1e9, 3), **_versions(),
     )
+    if device == "cpu":
+        benchmark.extra_info["threads"] = threads or saved
 
 
+@pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}thr")
 @pytest.mark.parametrize("eta", ETAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", CPU_SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_step_cpu(benchmark, record_median, backend, shape, dtype, eta):
-    _run(benchmark, record_median, backend, "cpu", shape, dtype, eta)
+def test_step_cpu(benchmark, record_median, backend, shape, dtype, eta, threads):
+    _run(benchmark, record_median, backend, "cpu", shape, dtype, eta, threads)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

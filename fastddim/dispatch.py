@@ -137,7 +137,7 @@ def make_step(
     if backend not in ("triton", "cpp", "cuda"):
         raise RuntimeError(f"backend {backend!r} has no step implementation")
 
-    from . import _ops  # noqa: F401  (registers torch.ops.fastddim.ddim_step)
+    from . import _ops  # registers torch.ops.fastddim.ddim_step
 
     pred = PRED_CODES[plan.prediction_type]
     clip, clip_range = _clip_mode(plan)
@@ -157,7 +157,10 @@ def make_step(
             out = out.float()
         x, out = x.float().contiguous(), out.contiguous()
         s = threshold_scale(x, out, table, j, plan) if clip == CLIP_THRESHOLD else None
-        prev, x0, low = torch.ops.fastddim.ddim_step(
+        # Eagerly, call the op's implementation directly: the dispatcher round trip costs more
+        # than the whole kernel at small sizes. Under torch.compile, the registered op.
+        op = torch.ops.fastddim.ddim_step if torch.compiler.is_compiling() else _ops.ddim_step
+        prev, x0, low = op(
             x, out, table, j, rng_key[1], s, backend, pred, clip, clip_range,
             plan.use_clipped_model_output, plan.sigma_hat, plan.noise[j], need_x0, low_dtype,
         )
