@@ -40,6 +40,9 @@ void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& tab
   TORCH_CHECK(dtype_code(out) != kNone, "ddim_step: out must be float32, bfloat16 or float16, got ", out.scalar_type());
   check_like(x_prev, x, "x_prev");
   TORCH_CHECK(x_prev.scalar_type() == at::kFloat, "ddim_step: x_prev must be float32");
+  // The CPU loop declares its pointers __restrict__: outputs must be fresh memory.
+  TORCH_CHECK(x_prev.data_ptr() != x.data_ptr() && x_prev.data_ptr() != out.data_ptr(),
+              "ddim_step: x_prev must not alias x or out");
   TORCH_CHECK(table.device() == x.device() && table.scalar_type() == at::kFloat && table.dim() == 2 &&
                   table.size(1) == 6 && table.is_contiguous(),
               "ddim_step: table must be a contiguous float32 (S, 6) tensor on x's device");

@@ -113,6 +113,14 @@ def test_thresholding_matches_reference(backend, pred, eta, clipped_eps):
     check_against_reference(backend, plan, shape, torch.float32, 1e-5, 1e-5, (0, S // 2, S - 1))
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_samples_spanning_several_programs(backend):
+    """Samples larger than one Triton program (1024 groups under the interpreter), with a tail."""
+    plan = make_plan(SCHEDULE, S, eta=1.0, prediction_type="v_prediction", thresholding=True, sample_max_value=2.0)
+    for shape in ((1, 3, 37, 37), (2, 4, 33, 31)):
+        check_against_reference(backend, plan, shape, torch.bfloat16, 1e-5, 1e-5, (0, S - 1))
+
+
 def test_cpp_is_bit_exact_without_noise():
     """Built with -ffp-contract=off, the C++ step rounds op for op as the reference does."""
     if available_backends(torch.device("cpu"))["cpp"] is not None:
@@ -193,6 +201,7 @@ def test_cpp_rejects_bad_arguments(C):
         (dict(x_prev=torch.empty(2, 3, 5)), "x_prev has shape"),
         (dict(x_prev=torch.empty_like(x, dtype=torch.bfloat16)), "x_prev must be float32"),
         (dict(x_low=torch.empty_like(x)), "x_low must be bfloat16 or float16"),
+        (dict(x_prev=x), "must not alias"),
         (dict(clip=2), "needs s"),
         (dict(clip=2, s=torch.ones(3)), "s must be"),
         (dict(pred=3), "pred must be"),
