@@ -169,16 +169,18 @@ def heldout_subset(n: int) -> torch.Tensor:
     return x[idx]
 
 
-def reconstruction_errors(model, x0: torch.Tensor, steps: int, *, spacing="uniform",
+def reconstruction_errors(model, x0: torch.Tensor, steps: int, *, spacing="uniform", convention="source",
                           batch_size: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Encode x0 with ``invert`` and decode with ``sample`` (eta 0), both in ``steps`` model calls.
+    """Encode x0 with ``invert`` and decode with ``sample`` (eta 0), both in ``steps`` model calls
+    with the same ``spacing`` (``convention`` goes to ``invert``).
 
     Returns (per-image per-dimension MSE (n,), reconstructions (n, *shape) on the CPU, seconds).
     """
     import fastddim
 
     t0 = time.perf_counter()
-    z = fastddim.invert(model, x0, steps, spacing=spacing, batch_size=batch_size, device=device, progress=False)
+    z = fastddim.invert(model, x0, steps, spacing=spacing, convention=convention, batch_size=batch_size,
+                        device=device, progress=False)
     xr = fastddim.sample(model, x_T=z, steps=steps, eta=0.0, spacing=spacing, batch_size=batch_size,
                          device=device, progress=False).cpu()
     mse = ((xr.double() - x0.cpu().double()) ** 2).flatten(1).mean(1)
@@ -309,6 +311,9 @@ def figure_table2(res: dict, out: Path) -> Path:
     if rows:
         ax.errorbar([s for s, _ in rows], [r["mse"] for _, r in rows], yerr=[r["se"] for _, r in rows],
                     marker="o", capsize=3, label="fastddim, MNIST held-out ([-1, 1])")
+    for v, vr in res.get("variants", {}).items():
+        vs = [s for s in res["variant_steps"] if str(s) in vr]
+        ax.plot(vs, [vr[str(s)]["mse"] for s in vs], marker=".", ls=":", label=f"diagnostic: {v}")
     ps = [s for s in res["steps"] if s in PAPER_TABLE2]
     ax.plot(ps, [PAPER_TABLE2[s] for s in ps], "s--", color="gray", label="paper, CIFAR-10")
     ax.set_xscale("log")
@@ -407,22 +412,41 @@ def _write_report(path: Path, st: dict) -> None:
           "images). On a [0, 1] scale the MSE would be 4x smaller; the comparison below uses the larger [-1, 1] "
           "number. Held-out digits are class-balanced; the smaller sets are prefixes of the larger.")
         a("")
-        a("| S | images | MSE ([-1, 1]) | paper, CIFAR-10 | at or below paper | max per-image MSE | seconds |")
-        a("|---|---|---|---|---|---|---|")
+        nc = t2["n_common"]
+        a(f"| S | images | MSE ([-1, 1]) | median | MSE, first {nc} images | paper, CIFAR-10 | at or below paper | "
+          "max per-image MSE | seconds |")
+        a("|---|---|---|---|---|---|---|---|---|")
         for s in t2["steps"]:
             r = t2["rows"].get(str(s))
             p = PAPER_TABLE2.get(s, "")
             if r is None:
-                a(f"| {s} | {t2['n_for'][str(s)]} | not run | {p} | | | |")
+                a(f"| {s} | {t2['n_for'][str(s)]} | not run | | | {p} | | | |")
                 continue
             ok = "" if p == "" else ("yes" if r["mse"] <= p else "**no**")
-            a(f"| {s} | {r['n']} | {r['mse']:.2e} ± {r['se']:.1e} | {p} | {ok} | {r['max']:.2e} | {r['seconds']:.0f} |")
+            a(f"| {s} | {r['n']} | {r['mse']:.2e} ± {r['se']:.1e} | {r['median']:.2e} | {r['common']:.2e} | {p} | {ok} "
+              f"| {r['max']:.2e} | {r['seconds']:.0f} |")
         a("")
         done = [s for s in t2["steps"] if str(s) in t2["rows"] and s in PAPER_TABLE2]
         if done:
             ok = [s for s in done if t2["rows"][str(s)]["mse"] <= PAPER_TABLE2[s]]
             a(f"Observed: at or below the paper's CIFAR-10 value at {len(ok)} of {len(done)} step counts"
               + (f" (not at S = {', '.join(str(s) for s in done if s not in ok)})." if len(ok) < len(done) else "."))
+            a("")
+        if t2["variants"]:
+            vs = t2["variant_steps"]
+            a(f"Diagnostic: the same round trip with other settings (first {t2['variant_n']} images, mean MSE, "
+              "median in brackets). `source`/`target`: where the encoder evaluates eps (see `fastddim.invert`); "
+              "the decoder uses the same spacing.")
+            a("")
+            a("| spacing:convention | " + " | ".join(f"S = {s}" for s in vs) + " |")
+            a("|---|" + "---|" * len(vs))
+            base = " | ".join(f"{t2['rows'][str(s)]['mse']:.2e} ({t2['rows'][str(s)]['median']:.1e})"
+                              if t2["rows"].get(str(s), {}).get("n") == t2["variant_n"] else "-" for s in vs)
+            a(f"| uniform:source (the table above) | {base} |")
+            for v, rows in t2["variants"].items():
+                cells = [f"{rows[str(s)]['mse']:.2e} ({rows[str(s)]['median']:.1e})" if str(s) in rows else "not run"
+                         for s in vs]
+                a(f"| {v} | " + " | ".join(cells) + " |")
             a("")
         a(f"Table 2 time: {t2['seconds'] / 60:.1f} min for {t2['evals']:,} network evaluations.")
         a("")
@@ -498,6 +522,8 @@ def evaluate(
     table2_n: int = 64,
     table2_n_long: int = 16,
     table2_long_from: int = 200,
+    table2_variants: Sequence[str] | str = (),
+    table2_variant_steps: Sequence[int] = (10, 20, 50),
     command: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -548,6 +574,8 @@ def evaluate(
     table2_n = _pos_int("table2_n", table2_n, 1, 1000)
     table2_n_long = _pos_int("table2_n_long", table2_n_long, 1, 1000)
     table2_long_from = _pos_int("table2_long_from", table2_long_from, 1)
+    t2_variants = _variants(table2_variants)
+    t2v_steps = _int_list("table2_variant_steps", table2_variant_steps, 1, 1000) if t2_variants else []
     if not make_report:
         steps = 50 if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -560,7 +588,7 @@ def evaluate(
     model, model_desc = _load(model, device)
     _check_model(model)
     T = len(model.schedule.alphas_cumprod) if hasattr(model.schedule, "alphas_cumprod") else 1000
-    for s in t1_steps + t2_steps + ([steps] if not make_report else []):
+    for s in t1_steps + t2_steps + t2v_steps + ([steps] if not make_report else []):
         if s > T:
             raise ValueError(f"steps {s} exceed the model's T = {T}")
     metrics.heldout_features()  # load the classifier and the held-out statistics once, up front
@@ -586,7 +614,8 @@ def evaluate(
     report = out / REPORT
     t2_nfor = {str(s): (table2_n if s < table2_long_from else table2_n_long) for s in t2_steps}
     t1_evals_plan = sum(len(seed_list) * n * _calls(model, s, e, spacing1) for s in t1_steps for e in t1_etas) if table1 else 0
-    t2_evals_plan = sum(2 * t2_nfor[str(s)] * s for s in t2_steps) if table2 else 0
+    t2_evals_plan = (sum(2 * t2_nfor[str(s)] * s for s in t2_steps)
+                     + len(t2_variants) * sum(2 * table2_n * s for s in t2v_steps)) if table2 else 0
     counts = []
     if table1:
         counts.append(f"Table 1: {len(t1_steps) * len(t1_etas)} cells x {len(seed_list)} seed(s) x {n} samples "
@@ -594,7 +623,8 @@ def evaluate(
                       f"plus {len(seed_list)} x {n} real training digits")
     if table2:
         counts.append("Table 2: " + ", ".join(f"S={s}: {t2_nfor[str(s)]}" for s in t2_steps)
-                      + f" held-out digits ({t2_evals_plan:,} network evaluations)")
+                      + " held-out digits" + (f", and {table2_n} for each diagnostic setting" if t2_variants else "")
+                      + f" ({t2_evals_plan:,} network evaluations)")
     if figures:
         counts.append("figures: 8 samples x 4 step counts, 5 interpolations x 9 points at S = 50")
     st: dict[str, Any] = {
@@ -642,7 +672,8 @@ def evaluate(
             flush()
         result["table1"] = t1
     if table2:
-        t2 = {"steps": t2_steps, "n_for": t2_nfor, "rows": {}, "seconds": 0.0, "evals": 0}
+        t2 = {"steps": t2_steps, "n_for": t2_nfor, "rows": {}, "seconds": 0.0, "evals": 0,
+              "n_common": min(t2_nfor.values()), "variants": {}, "variant_steps": t2v_steps, "variant_n": table2_n}
         st["table2"] = t2
         x_all = heldout_subset(max(t2_nfor.values()))
         recons = {}
@@ -652,13 +683,28 @@ def evaluate(
             mse, xr, sec = reconstruction_errors(model, x_all[:k], s, batch_size=batch_size, device=device)
             recons[s] = xr
             se = float(mse.std() / math.sqrt(k)) if k > 1 else float("nan")
-            t2["rows"][str(s)] = {"n": k, "mse": float(mse.mean()), "se": se, "max": float(mse.max()), "seconds": sec}
+            t2["rows"][str(s)] = {"n": k, "mse": float(mse.mean()), "se": se, "max": float(mse.max()),
+                                  "median": float(mse.median()), "common": float(mse[:t2["n_common"]].mean()),
+                                  "seconds": sec}
             t2["evals"] += 2 * k * s
             evals_done[0] += 2 * k * s
             evals_done[1] += sec
             t2["seconds"] = time.perf_counter() - t0
             log(f"table2 S={s} n={k}: MSE {float(mse.mean()):.2e} ({sec:.0f} s, {(time.perf_counter() - t_start) / 60:.1f} min)")
             flush()
+        for v in t2_variants:
+            sp, conv = v.split(":")
+            rows = t2["variants"].setdefault(v, {})
+            for s in t2v_steps:
+                mse, _, sec = reconstruction_errors(model, x_all[:table2_n], s, spacing=sp, convention=conv,
+                                                    batch_size=batch_size, device=device)
+                rows[str(s)] = {"mse": float(mse.mean()), "median": float(mse.median()), "seconds": sec}
+                t2["evals"] += 2 * table2_n * s
+                evals_done[0] += 2 * table2_n * s
+                evals_done[1] += sec
+                t2["seconds"] = time.perf_counter() - t0
+                log(f"table2 variant {v} S={s} n={table2_n}: MSE {float(mse.mean()):.2e} ({sec:.0f} s)")
+                flush()
         if figures:
             st["figures"]["table2"] = figure_table2(t2, out).name
             st["figures"]["reconstructions"] = figure_reconstructions(x_all, recons, out).name
@@ -676,6 +722,18 @@ def evaluate(
     result.update(figures=dict(st["figures"]), report=str(report), seconds=time.perf_counter() - t_start)
     log(f"wrote {report} in {(time.perf_counter() - t_start) / 60:.1f} min")
     return result
+
+
+def _variants(v) -> list[str]:
+    from .plan import SPACINGS
+
+    items = [p for p in v.replace(" ", "").split(",") if p] if isinstance(v, str) else list(v)
+    for it in items:
+        sp, _, conv = str(it).partition(":")
+        if sp not in SPACINGS or conv not in ("source", "target"):
+            raise ValueError(f"table2_variants: expected spacing:convention with spacing in {SPACINGS} and "
+                             f"convention source or target, got {it!r}")
+    return [str(i) for i in items]
 
 
 def _calls(model, steps: int, eta, spacing: str) -> int:
@@ -748,6 +806,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table2-n", type=int, default=64, help="held-out digits per Table 2 row below --table2-long-from (default 64)")
     parser.add_argument("--table2-n-long", type=int, default=16, help="held-out digits for the long rows (default 16)")
     parser.add_argument("--table2-long-from", type=int, default=200, help="S from which a row is long (default 200)")
+    parser.add_argument("--table2-variants", default="",
+                        help="diagnostic Table 2 rows for other spacing:convention pairs, e.g. quad:source,uniform:target")
+    parser.add_argument("--table2-variant-steps", default="10,20,50", help="S for the diagnostic rows (default %(default)s)")
     parser.add_argument("--out", default="docs", help="directory for paper_tables.md and the PNGs (default docs)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per model call (default 128)")
@@ -770,7 +831,8 @@ def run_eval(args: argparse.Namespace) -> int:
         steps=args.steps, eta=args.eta, spacing=args.spacing, out=args.out, device=args.device,
         batch_size=args.batch_size, table1_steps=args.table1_steps, table1_etas=args.table1_etas,
         table2_steps=args.table2_steps, table2_n=args.table2_n, table2_n_long=args.table2_n_long,
-        table2_long_from=args.table2_long_from, command=cmd,
+        table2_long_from=args.table2_long_from, table2_variants=args.table2_variants,
+        table2_variant_steps=args.table2_variant_steps, command=cmd,
     )
     single = res.get("single")
     if single is not None:

@@ -36,7 +36,8 @@ def _args(argv):
 def test_report_rows_and_figures(tmp_path, capsys):
     args = _args(["--table1", "--table2", "--figures", "--n", "6", "--seeds", "2", "--out", str(tmp_path),
                   "--table1-steps", "2,4", "--table1-etas", "0,1,sigma_hat", "--table2-steps", "2,5,20",
-                  "--table2-n", "4", "--table2-n-long", "2", "--table2-long-from", "10", "--batch-size", "4"])
+                  "--table2-n", "4", "--table2-n-long", "2", "--table2-long-from", "10", "--batch-size", "4",
+                  "--table2-variants", "quad:target", "--table2-variant-steps", "2,3"])
     args.model = TinyDigitModel()
     assert ev.run_eval(args) == 0
     md = (tmp_path / "paper_tables.md").read_text()
@@ -48,6 +49,9 @@ def test_report_rows_and_figures(tmp_path, capsys):
     assert "| real train digits (n = 6) |" in md
     for s, n in ((2, 4), (5, 4), (20, 2)):
         assert any(line.startswith(f"| {s} | {n} | ") for line in md.splitlines()), s
+    assert "| uniform:source (the table above) |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| quad:target |"))
+    assert row.count("e-") >= 2 and "not run" not in row
     assert "finished after" in md and "## How to remake this" in md
     for name in ev.FIGURES.values():
         assert (tmp_path / name).stat().st_size > 1000, name
@@ -101,6 +105,7 @@ def test_heldout_subset_is_balanced_prefix():
     (dict(table1=True, steps=10), "--steps"),
     (dict(table2=True, table2_n=5000), "table2_n"),
     (dict(table1=True, table1_etas="0,x"), "eta"),
+    (dict(table2=True, table2_variants="quad:middle"), "table2_variants"),
 ])
 def test_bad_arguments(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
