@@ -102,3 +102,21 @@ def test_bad_configs():
         UNetConfig.from_dict({"chanels": 3})
     with pytest.raises(ValueError, match="known"):
         UNet("imagenet")
+
+
+def test_v_head_returns_eps():
+    """head='v': eps = sqrt(1 - a_t) x_t + sqrt(a_t) F(x_t, t), with the training schedule's a_t."""
+    cfg = UNetConfig(**{**SMALL[0].to_dict(), "head": "v"})
+    m = UNet(cfg, schedule=Schedule.linear(T=1000))
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999])
+    a = m.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    # A fresh body outputs F = 0 (zero-initialised conv_out), leaving only the skip term.
+    torch.testing.assert_close(m(x, t), (1 - a).sqrt() * x)
+    with torch.no_grad():
+        m.conv_out.bias.fill_(0.5)
+    torch.testing.assert_close(m(x, t), (1 - a).sqrt() * x + a.sqrt() * 0.5)
+    torch.testing.assert_close(m(x, t.float()), m(x, t))
+    with pytest.raises(ValueError, match="head"):
+        UNetConfig(head="x0")
+    with pytest.raises(ValueError, match="out_channels"):
+        UNet(UNetConfig(**{**cfg.to_dict(), "out_channels": 2}))
