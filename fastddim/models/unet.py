@@ -13,13 +13,15 @@ added as a per-channel bias after its first convolution.
 
 The module predicts eps: ``UNet(config)(x_t, t)`` maps (B, C, H, W) float and (B,) int64 (or
 float) timesteps to (B, C, H, W). It carries ``sample_shape`` (C, H, W) and ``schedule`` (the
-training ``Schedule``), which is all ``fastddim.sample`` needs.
+training ``Schedule``), which is all ``fastddim.sample`` needs. With ``head="v"`` the network
+body predicts v and ``forward`` turns it into eps with an exact skip from x_t (see
+``UNetConfig.head``); callers see eps either way.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
