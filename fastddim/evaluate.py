@@ -285,12 +285,10 @@ def figure_table1(res: dict, out: Path) -> Path:
         m, _ = _mean_std(res["real"])
         ax.axhline(m, color="gray", ls="--", lw=1, label="real train digits")
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import NullFormatter
 
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(bottom=0)
     ax.set_xticks(list(res["steps"]))
     ax.set_xticklabels([str(s) for s in res["steps"]])
     ax.set_xlabel("S (model calls)")
@@ -475,6 +473,10 @@ def _write_report(path: Path, st: dict) -> None:
     a("")
     a("Sample counts: " + st["counts"] + ".")
     a("")
+    raw = {k: st[k] for k in ("table1", "table2") if st.get(k)}
+    if raw:  # every number behind the tables, for re-plotting without re-sampling
+        a("<!-- raw results (JSON): " + json.dumps(raw, default=str).replace("--", "- -") + " -->")
+        a("")
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(L))
     tmp.replace(path)

@@ -53,6 +53,8 @@ def test_report_rows_and_figures(tmp_path, capsys):
     row = next(line for line in md.splitlines() if line.startswith("| quad:target |"))
     assert row.count("e-") >= 2 and "not run" not in row
     assert "finished after" in md and "## How to remake this" in md
+    raw = json.loads(md.split("<!-- raw results (JSON): ", 1)[1].split(" -->", 1)[0])
+    assert len(raw["table1"]["cells"]["2/sigma_hat"]["fd"]) == 2 and raw["table2"]["rows"]["20"]["n"] == 2
     for name in ev.FIGURES.values():
         assert (tmp_path / name).stat().st_size > 1000, name
         assert f"]({name})" in md
