@@ -337,15 +337,16 @@ def cmd_invert(args) -> int:
     t0 = time.perf_counter()
     z = fastddim.invert(
         model, x0, steps=args.steps, spacing=args.spacing, batch_size=args.batch_size, device=dev,
-        dtype=_dtype(args.dtype), progress=args.progress, convention=args.convention,
+        dtype=_dtype(args.dtype), progress=args.progress, convention=args.convention, refine=args.refine,
     )
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     save_npz(args.output, arr_0=z.cpu().numpy(), steps=np.int64(args.steps), spacing=np.str_(args.spacing),
-             convention=np.str_(args.convention), model=np.str_(args.model or "mnist"))
+             convention=np.str_(args.convention), refine=np.int64(args.refine), model=np.str_(args.model or "mnist"))
     n = x0.shape[0]
-    print(f"{n} images inverted in {seconds:.2f} s: {_fmt_rate(n, seconds)} ({dev}, S={args.steps})")
+    print(f"{n} images inverted in {seconds:.2f} s: {_fmt_rate(n, seconds)} ({dev}, S={args.steps}, "
+          f"refine={args.refine}: {args.steps * (1 + args.refine)} model calls per image)")
     print(f"wrote {args.output} (arr_0: float32 latents {tuple(z.shape)}; decode with "
           f"'fastddim sample --latents {args.output} --steps {args.steps} --spacing {args.spacing}')")
     return 0
@@ -488,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  fastddim invert -i digit.png --steps 50 -o latents.npz\n"
                "  fastddim invert -i samples.npz --steps 100 -o latents.npz   # arr_0: uint8 (n, H, W, C)\n"
-               "  fastddim sample --latents latents.npz --steps 100 -o recon.png\n\n"
+               "  fastddim sample --latents latents.npz --steps 100 -o recon.png\n"
+               "  fastddim invert -i digit.png --steps 10 --refine 1 -o latents.npz   # near-exact round trip at S = 10\n\n"
                "Images must match the model's shape; latents are written as arr_0 float32 (n, C, H, W).",
     )
     p.add_argument("-i", "--input", nargs="+", required=True, metavar="FILE",
@@ -496,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="latents.npz", help="output .npz (default latents.npz)")
     p.add_argument("--convention", choices=("source", "target"), default="source",
                    help="where eps is evaluated: source (the paper's, default) or target (diffusers')")
+    p.add_argument("--refine", type=_nonneg_int, default=0, metavar="K",
+                   help="fixed-point iterations per step, one model call each, that make the S-step decoder "
+                        "land back on the image (default 0: the paper's encoder)")
     _common(p, steps_default=50)
     p.set_defaults(func=cmd_invert)
 

@@ -19,7 +19,7 @@ import torch
 from .noise import normal_like_batch
 from .plan import Plan
 
-__all__ = ["predict_x0_eps", "threshold", "ddim_step", "ddim_invert_step", "ddim_sample", "ddim_invert"]
+__all__ = ["predict_x0_eps", "threshold", "ddim_step", "ddim_invert_step", "refine_invert_step", "ddim_sample", "ddim_invert"]
 
 
 def predict_x0_eps(
@@ -137,16 +137,49 @@ def ddim_invert_step(
     return a_dst**0.5 * x0 + (1 - a_dst) ** 0.5 * eps
 
 
+def refine_invert_step(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_src: torch.Tensor,
+    x_dst: torch.Tensor,
+    a_src: float,
+    a_dst: float,
+    t_dst: int,
+    a_eval: float,
+    prediction_type: str,
+    iters: int,
+) -> torch.Tensor:
+    """Fixed-point iterations that make the decoder's step from x_dst land on x_src.
+
+    The deterministic decoder step from t_dst is ``x_src = D(x_dst, eps(x_dst, t_dst))``, linear
+    in x_dst for a fixed eps, so ``x_dst = ddim_invert_step(x_src, eps(x_dst, t_dst), ...)`` is
+    its exact inverse: a fixed point. Each iteration evaluates eps at the current guess and at the
+    target timestep (one model call). The decoder started from guess j misses x_src by exactly
+    ``sqrt(a_src / a_dst) * (x^(j) - x^(j+1))``, so successive guesses that agree mean an exact
+    inverse. The iteration is not guaranteed to contract (large steps near the data can
+    oscillate); in practice one iteration removes most of the Euler encoder's error. x_src, x_dst: (B, *shape); a_eval: alphas_cumprod[t_dst].
+    """
+    for _ in range(iters):
+        out = model_fn(x_dst, torch.full((x_dst.shape[0],), t_dst, dtype=torch.int64, device=x_dst.device))
+        x_dst = ddim_invert_step(x_src, out, a_src, a_dst, a_eval, prediction_type)
+    return x_dst
+
+
 def ddim_invert(
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
     plan: Plan,
     schedule_ac: torch.Tensor,
     convention: str = "source",
+    refine: int = 0,
 ) -> torch.Tensor:
-    """Encode x0 (B, *shape) to x_T (B, *shape) along the plan, deterministically."""
+    """Encode x0 (B, *shape) to x_T (B, *shape) along the plan, deterministically.
+
+    ``refine`` > 0 adds that many fixed-point iterations per step (``refine_invert_step``).
+    """
     x = x0.float()
-    for a_src, a_dst, t_eval in invert_points(plan, schedule_ac, convention):
+    for (a_src, a_dst, t_eval), t_dst in zip(invert_points(plan, schedule_ac, convention), reversed(plan.timesteps)):
         out = model_fn(x, torch.full((x.shape[0],), t_eval, dtype=torch.int64, device=x.device))
-        x = ddim_invert_step(x, out, a_src, a_dst, float(schedule_ac[t_eval]), plan.prediction_type)
+        x_dst = ddim_invert_step(x, out, a_src, a_dst, float(schedule_ac[t_eval]), plan.prediction_type)
+        x = refine_invert_step(model_fn, x, x_dst, a_src, a_dst, int(t_dst), float(schedule_ac[t_dst]),
+                               plan.prediction_type, refine)
     return x

@@ -200,6 +200,12 @@ def test_invert_then_decode_and_interpolate(cli, tiny, tmp_path):
     assert "--latents" in p.stdout
     with np.load(lat) as z:
         assert z["arr_0"].dtype == np.float32 and z["arr_0"].shape == (2, 1, 8, 8)
+    lat1 = tmp_path / "lat1.npz"
+    p = cli("invert", "-i", imgs, "--steps", 4, "--refine", 2, "--model", f"{tiny}:gray", "-o", lat1, check=0)
+    assert "12 model calls per image" in p.stdout
+    with np.load(lat) as z, np.load(lat1) as z1:
+        assert int(z1["refine"]) == 2 and int(z["refine"]) == 0
+        assert z1["arr_0"].shape == z["arr_0"].shape and not np.array_equal(z1["arr_0"], z["arr_0"])
     rec = tmp_path / "rec.npz"
     cli("sample", "--latents", lat, "--steps", 4, "--model", f"{tiny}:gray", "-o", rec, check=0)
     with np.load(rec) as z, np.load(imgs) as y:
@@ -290,6 +296,7 @@ def test_eval_hook(cli, monkeypatch):
         (["invert", "-i", "nope.png", "MODEL"], 1, ["nope.png"]),
         (["invert", "-i", "GARBAGE", "MODEL"], 1, ["cannot read"]),
         (["invert", "-i", "BIG", "MODEL"], 1, ["(1, 8, 8)"]),
+        (["invert", "-i", "GARBAGE", "--refine", "-1", "MODEL"], 2, ["--refine"]),
         (["generate", "--out", "x"], 2, ["-n"]),
         (["generate", "-n", "4", "--out", "x", "--shard-size", "0"], 2, ["--shard-size"]),
         (["train", "--lr", "nan"], 2, ["--lr"]),
