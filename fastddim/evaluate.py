@@ -170,17 +170,19 @@ def heldout_subset(n: int) -> torch.Tensor:
 
 
 def reconstruction_errors(model, x0: torch.Tensor, steps: int, *, spacing="uniform", convention="source",
-                          batch_size: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Encode x0 with ``invert`` and decode with ``sample`` (eta 0), both in ``steps`` model calls
-    with the same ``spacing`` (``convention`` goes to ``invert``).
+                          refine: int = 0, batch_size: int | None = None,
+                          device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Encode x0 with ``invert`` and decode with ``sample`` (eta 0), both over the same ``steps``
+    timesteps and ``spacing`` (``convention`` and ``refine`` go to ``invert``; the encoder makes
+    ``steps * (1 + refine)`` model calls, the decoder ``steps``).
 
     Returns (per-image per-dimension MSE (n,), reconstructions (n, *shape) on the CPU, seconds).
     """
     import fastddim
 
     t0 = time.perf_counter()
-    z = fastddim.invert(model, x0, steps, spacing=spacing, convention=convention, batch_size=batch_size,
-                        device=device, progress=False)
+    z = fastddim.invert(model, x0, steps, spacing=spacing, convention=convention, refine=refine,
+                        batch_size=batch_size, device=device, progress=False)
     xr = fastddim.sample(model, x_T=z, steps=steps, eta=0.0, spacing=spacing, batch_size=batch_size,
                          device=device, progress=False).cpu()
     mse = ((xr.double() - x0.cpu().double()) ** 2).flatten(1).mean(1)
@@ -308,7 +310,11 @@ def figure_table2(res: dict, out: Path) -> Path:
     rows = [(s, res["rows"][str(s)]) for s in res["steps"] if str(s) in res["rows"]]
     if rows:
         ax.errorbar([s for s, _ in rows], [r["mse"] for _, r in rows], yerr=[r["se"] for _, r in rows],
-                    marker="o", capsize=3, label="fastddim, MNIST held-out ([-1, 1])")
+                    marker="o", capsize=3, label="fastddim, Euler encoder, MNIST held-out ([-1, 1])")
+    ref = [(s, r["refined"]) for s, r in rows if r.get("refined")]
+    if ref:
+        ax.errorbar([s for s, _ in ref], [r["mse"] for _, r in ref], yerr=[r["se"] for _, r in ref],
+                    marker="^", capsize=3, label=f"fastddim, refined encoder (refine={res.get('refine')})")
     for v, vr in res.get("variants", {}).items():
         vs = [s for s in res["variant_steps"] if str(s) in vr]
         ax.plot(vs, [vr[str(s)]["mse"] for s in vs], marker=".", ls=":", label=f"diagnostic: {v}")
@@ -381,6 +387,11 @@ def _write_report(path: Path, st: dict) -> None:
         a(f"Spacing `{t1['spacing']}` (the paper's CIFAR-10 choice), n = {t1['n']} samples per cell, "
           f"mean ± std over {want} seed(s) {t1['seeds']}. Within a seed every cell starts from the same x_T.")
         a("")
+        src = st.get("table1_from")
+        if src:
+            a(f"This table was measured by an earlier run and read from its raw results (`--table1-from {src['path']}`): "
+              f"`{src['command']}`, started {src['started']} on {src['machine']}.")
+            a("")
         a("| eta \\ S | " + " | ".join(str(s) for s in t1["steps"]) + " |")
         a("|---|" + "---|" * len(t1["steps"]))
         for eta in t1["etas"]:
@@ -405,30 +416,55 @@ def _write_report(path: Path, st: dict) -> None:
     if t2:
         a("## Table 2: reconstruction error of held-out digits")
         a("")
-        a("Encode with `fastddim.invert` (S steps, the paper's Euler encoder) and decode with `fastddim.sample` "
-          "(S steps, eta = 0), spacing `uniform`. Per-dimension MSE with images in [-1, 1] (± standard error over "
-          "images). On a [0, 1] scale the MSE would be 4x smaller; the comparison below uses the larger [-1, 1] "
-          "number. Held-out digits are class-balanced; the smaller sets are prefixes of the larger.")
+        K = t2.get("refine", 0)
+        a("Encode with `fastddim.invert` and decode with `fastddim.sample` (S steps, eta = 0), spacing `uniform`. "
+          "Per-dimension MSE with images in [-1, 1] (± standard error over images). On a [0, 1] scale the MSE "
+          "would be 4x smaller; the comparison uses the larger [-1, 1] number. Held-out digits are class-balanced; "
+          "the smaller sets are prefixes of the larger.")
         a("")
-        nc = t2["n_common"]
-        a(f"| S | images | MSE ([-1, 1]) | median | MSE, first {nc} images | paper, CIFAR-10 | at or below paper | "
-          "max per-image MSE | seconds |")
-        a("|---|---|---|---|---|---|---|---|---|")
+        a("- **Euler encoder (the paper's)**: `invert(S)`, the DDIM step run forward with eps at the source "
+          "timestep; S model calls.")
+        if K:
+            a(f"- **Refined encoder**: `invert(S, refine={K})`, {K} fixed-point iteration(s) per step that move "
+              "each point towards the one the decoder's step maps back onto the previous point; "
+              f"{1 + K}S model calls. Not in the paper: it solves for the latent of the S-step decoder "
+              "instead of integrating the ODE forward.")
+        a("")
+        head = "| S | images | paper, CIFAR-10 | Euler: MSE | median | max | at or below paper |"
+        line = "|---|---|---|---|---|---|---|"
+        if K:
+            head += f" refine={K}: MSE | median | max | at or below paper |"
+            line += "---|---|---|---|"
+        a(head + " seconds |")
+        a(line + "---|")
+
+        def cells(r, p):
+            ok = "" if p == "" else ("yes" if r["mse"] <= p else "**no**")
+            return f" {r['mse']:.2e} ± {r['se']:.1e} | {r['median']:.2e} | {r['max']:.2e} | {ok} |"
+
         for s in t2["steps"]:
             r = t2["rows"].get(str(s))
             p = PAPER_TABLE2.get(s, "")
             if r is None:
-                a(f"| {s} | {t2['n_for'][str(s)]} | not run | | | {p} | | | |")
+                a(f"| {s} | {t2['n_for'][str(s)]} | {p} | not run |" + " |" * (3 + 4 * bool(K)) + " |")
                 continue
-            ok = "" if p == "" else ("yes" if r["mse"] <= p else "**no**")
-            a(f"| {s} | {r['n']} | {r['mse']:.2e} ± {r['se']:.1e} | {r['median']:.2e} | {r['common']:.2e} | {p} | {ok} "
-              f"| {r['max']:.2e} | {r['seconds']:.0f} |")
+            rr = r.get("refined")
+            row = f"| {s} | {r['n']} | {p} |" + cells(r, p)
+            if K:
+                row += cells(rr, p) if rr else " not run | | | |"
+            a(row + f" {r['seconds'] + (rr['seconds'] if rr else 0):.0f} |")
         a("")
         done = [s for s in t2["steps"] if str(s) in t2["rows"] and s in PAPER_TABLE2]
         if done:
-            ok = [s for s in done if t2["rows"][str(s)]["mse"] <= PAPER_TABLE2[s]]
-            a(f"Observed: at or below the paper's CIFAR-10 value at {len(ok)} of {len(done)} step counts"
-              + (f" (not at S = {', '.join(str(s) for s in done if s not in ok)})." if len(ok) < len(done) else "."))
+            obs = []
+            for name, get in (("the Euler encoder", lambda r: r), (f"the refine={K} encoder", lambda r: r.get("refined"))):
+                got = [s for s in done if get(t2["rows"][str(s)])]
+                if not got or (name != "the Euler encoder" and not K):
+                    continue
+                ok = [s for s in got if get(t2["rows"][str(s)])["mse"] <= PAPER_TABLE2[s]]
+                obs.append(f"{name} is at or below the paper's CIFAR-10 value at {len(ok)} of {len(got)} step counts"
+                           + (f" (not at S = {', '.join(str(s) for s in got if s not in ok)})" if len(ok) < len(got) else ""))
+            a("Observed: " + "; ".join(obs) + ".")
             a("")
         if t2["variants"]:
             vs = t2["variant_steps"]
@@ -526,6 +562,8 @@ def evaluate(
     table2_long_from: int = 200,
     table2_variants: Sequence[str] | str = (),
     table2_variant_steps: Sequence[int] = (10, 20, 50),
+    table2_refine: int = 1,
+    table1_from: str | os.PathLike | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -542,6 +580,11 @@ def evaluate(
         out: directory of the report and figures.
         batch_size: samples per model call (results do not depend on it).
         table2_n: images for Table 2 rows with S < ``table2_long_from``; ``table2_n_long`` for the rest.
+        table2_refine: K > 0 adds, for every Table 2 row, the round trip through
+            ``invert(refine=K)`` (S * (1 + K) encoder calls) next to the paper's plain encoder.
+        table1_from: a ``paper_tables.md`` written earlier by this function: take Table 1 from its
+            raw results instead of measuring it again (it must be of the same model; implies
+            ``table1``). Lets a long Table 1 run be combined with a later Table 2.
         command: the command line to print in the report (the CLI fills it in).
         log: progress lines (default: print to stderr).
 
@@ -555,6 +598,7 @@ def evaluate(
     from . import metrics
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    table1 = table1 or table1_from is not None
     make_report = table1 or table2 or figures
     n = _pos_int("n", n, 2)
     seed_list = parse_seeds(seeds)
@@ -578,6 +622,8 @@ def evaluate(
     table2_long_from = _pos_int("table2_long_from", table2_long_from, 1)
     t2_variants = _variants(table2_variants)
     t2v_steps = _int_list("table2_variant_steps", table2_variant_steps, 1, 1000) if t2_variants else []
+    table2_refine = _pos_int("table2_refine", table2_refine, 0, 100)
+    t1_loaded = _load_table1(table1_from) if table1_from is not None else None
     if not make_report:
         steps = 50 if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -589,6 +635,9 @@ def evaluate(
             raise ValueError(f"--out must be a directory, got the file {out}")
     model, model_desc = _load(model, device)
     _check_model(model)
+    if t1_loaded is not None and t1_loaded["model_desc"] != model_desc:
+        raise ValueError(f"table1_from: {table1_from} was made with the model {t1_loaded['model_desc']!r}, "
+                         f"not {model_desc!r}")
     T = len(model.schedule.alphas_cumprod) if hasattr(model.schedule, "alphas_cumprod") else 1000
     for s in t1_steps + t2_steps + t2v_steps + ([steps] if not make_report else []):
         if s > T:
@@ -616,16 +665,21 @@ def evaluate(
     report = out / REPORT
     t2_nfor = {str(s): (table2_n if s < table2_long_from else table2_n_long) for s in t2_steps}
     t1_evals_plan = sum(len(seed_list) * n * _calls(model, s, e, spacing1) for s in t1_steps for e in t1_etas) if table1 else 0
-    t2_evals_plan = (sum(2 * t2_nfor[str(s)] * s for s in t2_steps)
+    t2_evals_plan = (sum((4 + table2_refine if table2_refine else 2) * t2_nfor[str(s)] * s for s in t2_steps)
                      + len(t2_variants) * sum(2 * table2_n * s for s in t2v_steps)) if table2 else 0
     counts = []
-    if table1:
+    if t1_loaded is not None:
+        t1_evals_plan = 0
+        counts.append(f"Table 1: taken from {table1_from} ({t1_loaded['table1']['evals']:,} network evaluations there)")
+    elif table1:
         counts.append(f"Table 1: {len(t1_steps) * len(t1_etas)} cells x {len(seed_list)} seed(s) x {n} samples "
                       f"= {len(t1_steps) * len(t1_etas) * len(seed_list) * n:,} samples ({t1_evals_plan:,} network evaluations), "
                       f"plus {len(seed_list)} x {n} real training digits")
     if table2:
         counts.append("Table 2: " + ", ".join(f"S={s}: {t2_nfor[str(s)]}" for s in t2_steps)
-                      + " held-out digits" + (f", and {table2_n} for each diagnostic setting" if t2_variants else "")
+                      + " held-out digits" + (f", each also through the refine={table2_refine} encoder"
+                                              if table2_refine else "")
+                      + (f", and {table2_n} for each diagnostic setting" if t2_variants else "")
                       + f" ({t2_evals_plan:,} network evaluations)")
     if figures:
         counts.append("figures: 8 samples x 4 step counts, 5 interpolations x 9 points at S = 50")
@@ -635,6 +689,7 @@ def evaluate(
         "started": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "done": False, "elapsed": 0.0, "throughput": 0.0, "counts": "; ".join(counts) or "none",
         "figures": {},
+        "table1_from": None if t1_loaded is None else {k: t1_loaded[k] for k in ("path", "command", "machine", "started")},
     }
     evals_done = [0, 0.0]  # network evaluations, seconds spent sampling
 
@@ -644,7 +699,14 @@ def evaluate(
         _write_report(report, st)
 
     log(f"plan: {t1_evals_plan + t2_evals_plan:,} network evaluations for the tables; report -> {report}")
-    if table1:
+    if t1_loaded is not None:
+        t1 = st["table1"] = t1_loaded["table1"]
+        log(f"table1: taken from {table1_from}")
+        if figures:
+            st["figures"]["table1"] = figure_table1(t1, out).name
+        flush()
+        result["table1"] = t1
+    elif table1:
         t1 = {"steps": t1_steps, "etas": t1_etas, "seeds": seed_list, "n": n, "spacing": spacing1, "cells": {},
               "real": [], "seconds": 0.0, "evals": 0}
         st["table1"] = t1
@@ -674,7 +736,7 @@ def evaluate(
             flush()
         result["table1"] = t1
     if table2:
-        t2 = {"steps": t2_steps, "n_for": t2_nfor, "rows": {}, "seconds": 0.0, "evals": 0,
+        t2 = {"steps": t2_steps, "n_for": t2_nfor, "rows": {}, "seconds": 0.0, "evals": 0, "refine": table2_refine,
               "n_common": min(t2_nfor.values()), "variants": {}, "variant_steps": t2v_steps, "variant_n": table2_n}
         st["table2"] = t2
         x_all = heldout_subset(max(t2_nfor.values()))
@@ -691,8 +753,19 @@ def evaluate(
             t2["evals"] += 2 * k * s
             evals_done[0] += 2 * k * s
             evals_done[1] += sec
+            if table2_refine:
+                mse_r, _, sec_r = reconstruction_errors(model, x_all[:k], s, refine=table2_refine,
+                                                        batch_size=batch_size, device=device)
+                t2["rows"][str(s)]["refined"] = {
+                    "mse": float(mse_r.mean()), "se": float(mse_r.std() / math.sqrt(k)) if k > 1 else float("nan"),
+                    "max": float(mse_r.max()), "median": float(mse_r.median()), "seconds": sec_r}
+                t2["evals"] += (2 + table2_refine) * k * s
+                evals_done[0] += (2 + table2_refine) * k * s
+                evals_done[1] += sec_r
             t2["seconds"] = time.perf_counter() - t0
-            log(f"table2 S={s} n={k}: MSE {float(mse.mean()):.2e} ({sec:.0f} s, {(time.perf_counter() - t_start) / 60:.1f} min)")
+            log(f"table2 S={s} n={k}: MSE {float(mse.mean()):.2e}"
+                + (f", refine={table2_refine}: {t2['rows'][str(s)]['refined']['mse']:.2e}" if table2_refine else "")
+                + f" ({time.perf_counter() - t0:.0f} s, {(time.perf_counter() - t_start) / 60:.1f} min)")
             flush()
         for v in t2_variants:
             sp, conv = v.split(":")
@@ -724,6 +797,38 @@ def evaluate(
     result.update(figures=dict(st["figures"]), report=str(report), seconds=time.perf_counter() - t_start)
     log(f"wrote {report} in {(time.perf_counter() - t_start) / 60:.1f} min")
     return result
+
+
+_RAW_PREFIX = "<!-- raw results (JSON): "
+
+
+def _load_table1(path) -> dict:
+    """Table 1 and its provenance from a report written by ``evaluate`` (its raw-results line)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ValueError(f"table1_from: cannot read {p}: {e.strerror or e}") from None
+    raw = next((ln for ln in text.splitlines() if ln.startswith(_RAW_PREFIX)), None)
+    if raw is None:
+        raise ValueError(f"table1_from: {p} has no raw results (not a report written by fastddim eval)")
+    try:
+        data = json.loads(raw[len(_RAW_PREFIX):].rsplit(" -->", 1)[0].replace("- -", "--"))
+        t1 = data["table1"]
+        assert isinstance(t1["cells"], dict) and t1["steps"] and t1["etas"]
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise ValueError(f"table1_from: {p} holds no Table 1 results") from None
+    if any(len(t1["cells"].get(_cell_key(st, e), {}).get("fd", [])) < len(t1["seeds"])
+           for st in t1["steps"] for e in t1["etas"]):
+        raise ValueError(f"table1_from: {p} holds an unfinished Table 1")
+
+    def line(prefix):
+        hit = next((ln for ln in text.splitlines() if ln.startswith(prefix)), "")
+        return hit[len(prefix):].rstrip().removesuffix("  ").strip()
+
+    cmd = line("Made by ")
+    return {"table1": t1, "path": str(p), "command": cmd.strip("`"), "machine": line("Machine: "),
+            "started": line("Started ").split(";")[0], "model_desc": line("Model: ")}
 
 
 def _variants(v) -> list[str]:
@@ -811,6 +916,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table2-variants", default="",
                         help="diagnostic Table 2 rows for other spacing:convention pairs, e.g. quad:source,uniform:target")
     parser.add_argument("--table2-variant-steps", default="10,20,50", help="S for the diagnostic rows (default %(default)s)")
+    parser.add_argument("--table2-refine", type=int, default=1, metavar="K",
+                        help="also round-trip every Table 2 row through invert(refine=K); 0 to skip (default 1)")
+    parser.add_argument("--table1-from", default=None, metavar="REPORT",
+                        help="take Table 1 from the raw results of an earlier paper_tables.md (same model)")
     parser.add_argument("--out", default="docs", help="directory for paper_tables.md and the PNGs (default docs)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per model call (default 128)")
@@ -834,7 +943,8 @@ def run_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, table1_steps=args.table1_steps, table1_etas=args.table1_etas,
         table2_steps=args.table2_steps, table2_n=args.table2_n, table2_n_long=args.table2_n_long,
         table2_long_from=args.table2_long_from, table2_variants=args.table2_variants,
-        table2_variant_steps=args.table2_variant_steps, command=cmd,
+        table2_variant_steps=args.table2_variant_steps, table2_refine=args.table2_refine,
+        table1_from=args.table1_from, command=cmd,
     )
     single = res.get("single")
     if single is not None:

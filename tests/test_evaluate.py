@@ -48,17 +48,52 @@ def test_report_rows_and_figures(tmp_path, capsys):
         assert row.count("±") == 2 and "not run" not in row  # both S, two seeds each
     assert "| real train digits (n = 6) |" in md
     for s, n in ((2, 4), (5, 4), (20, 2)):
-        assert any(line.startswith(f"| {s} | {n} | ") for line in md.splitlines()), s
+        row = next(line for line in md.splitlines() if line.startswith(f"| {s} | {n} | "))
+        assert row.count("±") == 2 and "not run" not in row, row  # Euler and refine=1 encoders
+    assert "| refine=1: MSE |" in md and "the refine=1 encoder is at or below" in md
     assert "| uniform:source (the table above) |" in md
     row = next(line for line in md.splitlines() if line.startswith("| quad:target |"))
     assert row.count("e-") >= 2 and "not run" not in row
     assert "finished after" in md and "## How to remake this" in md
     raw = json.loads(md.split("<!-- raw results (JSON): ", 1)[1].split(" -->", 1)[0])
     assert len(raw["table1"]["cells"]["2/sigma_hat"]["fd"]) == 2 and raw["table2"]["rows"]["20"]["n"] == 2
+    # the refined encoder inverts the exact model's decoder much better than the Euler one
+    rows = raw["table2"]["rows"]
+    assert rows["5"]["refined"]["mse"] < rows["5"]["mse"] and rows["20"]["refined"]["mse"] < rows["20"]["mse"] / 5
     for name in ev.FIGURES.values():
         assert (tmp_path / name).stat().st_size > 1000, name
         assert f"]({name})" in md
     assert str(tmp_path / "paper_tables.md") in capsys.readouterr().out
+
+
+def test_table1_from_an_earlier_report(tmp_path):
+    """A long Table 1 run combined with a later Table 2: the numbers are carried over, not remeasured."""
+    m = TinyDigitModel()
+    first = ev.evaluate(m, table1=True, n=5, seeds=2, table1_steps=(2, 3), table1_etas=(0.0, 1.0), out=tmp_path / "a")
+    calls = []
+    later = ev.evaluate(m, table2=True, table1_from=tmp_path / "a" / "paper_tables.md", table2_steps=(2,),
+                        table2_n=2, table2_refine=0, out=tmp_path / "b", log=calls.append)
+    assert later["table1"]["cells"] == json.loads(json.dumps(first["table1"]["cells"]))
+    md = (tmp_path / "b" / "paper_tables.md").read_text()
+    a_md = (tmp_path / "a" / "paper_tables.md").read_text()
+    rows = [ln for ln in a_md.splitlines() if ln.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2 and all(r in md for r in rows)
+    assert "--table1-from" in md and "Table 2" in md and "refine=" not in md.split("## Table 2", 1)[1].split("##")[0]
+    assert not any(c.startswith("table1 S=") for c in calls)  # nothing of Table 1 was sampled again
+
+    class OtherModel(TinyDigitModel):
+        pass
+
+    with pytest.raises(ValueError, match="table1_from.*made with the model"):
+        ev.evaluate(OtherModel(), table2=True, table1_from=tmp_path / "a" / "paper_tables.md", out=tmp_path / "c")
+    (tmp_path / "plain.md").write_text("# not a report\n")
+    for bad, match in ((tmp_path / "missing.md", "cannot read"), (tmp_path / "plain.md", "no raw results"),
+                       (tmp_path / "b" / "paper_tables.md", None)):
+        if match is None:  # b's own raw results carry Table 1 too, so it can be reused in turn
+            ev.evaluate(m, table1_from=bad, out=tmp_path / "d")
+            continue
+        with pytest.raises(ValueError, match=f"table1_from: .*{match}"):
+            ev.evaluate(m, table1_from=bad, out=tmp_path / "d")
 
 
 def test_single_setting_python_and_cli(capsys):
@@ -108,6 +143,7 @@ def test_heldout_subset_is_balanced_prefix():
     (dict(table2=True, table2_n=5000), "table2_n"),
     (dict(table1=True, table1_etas="0,x"), "eta"),
     (dict(table2=True, table2_variants="quad:middle"), "table2_variants"),
+    (dict(table2=True, table2_refine=-1), "table2_refine"),
 ])
 def test_bad_arguments(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
