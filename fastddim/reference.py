@@ -156,7 +156,10 @@ def refine_invert_step(
     target timestep (one model call). The decoder started from guess j misses x_src by exactly
     ``sqrt(a_src / a_dst) * (x^(j) - x^(j+1))``, so successive guesses that agree mean an exact
     inverse. The iteration is not guaranteed to contract (large steps near the data can
-    oscillate); in practice one iteration removes most of the Euler encoder's error. x_src, x_dst: (B, *shape); a_eval: alphas_cumprod[t_dst].
+    oscillate); in practice one iteration removes most of the Euler encoder's error.
+
+    x_src, x_dst: (B, *shape), the point at a_src and the first guess at a_dst; a_eval:
+    alphas_cumprod[t_dst]. Returns the last guess, (B, *shape).
     """
     for _ in range(iters):
         out = model_fn(x_dst, torch.full((x_dst.shape[0],), t_dst, dtype=torch.int64, device=x_dst.device))

@@ -154,12 +154,12 @@ class _FiniteWatch:
             bad = ~torch.isfinite(out).all()
             self.first_bad = torch.where(bad & (self.first_bad < 0), j, self.first_bad)
 
-    def check(self, timesteps: Sequence[int], what: str) -> None:
+    def check(self, timesteps: Sequence[int], what: str, unit: str = "step") -> None:
         if self.enabled:
             j = int(self.first_bad)  # one sync per batch, outside the step loop
             if j >= 0:
                 raise FloatingPointError(
-                    f"model output is not finite (NaN or inf) at step {j} (t={timesteps[j]}) of {what}"
+                    f"model output is not finite (NaN or inf) at {unit} {j} (t={timesteps[j]}) of {what}"
                 )
 
 
@@ -382,7 +382,7 @@ def invert(
                 def model_fn(xt, t):
                     out = _model_output(model, xt if dtype == torch.float32 else xt.to(dtype), t, model_kwargs)
                     if calls[0] == 0 and start == 0:
-                        _check_output(out, xt, int(t[0]))
+                        _check_output(out, xt, t_evals[0])
                     watch.update(out, calls[0])
                     calls[0] += 1
                     if bar is not None:
@@ -395,7 +395,8 @@ def invert(
                                                        plan.prediction_type)
                     x = reference.refine_invert_step(model_fn, x, x_dst, a_src, a_dst, t_dst[k], float(ac[t_dst[k]]),
                                                      plan.prediction_type, refine)
-                watch.check(t_evals, f"the inversion of the batch starting at {start}")
+                watch.check(t_evals, f"the inversion of the batch starting at {start}",
+                            "step" if refine == 0 else "model call")
                 result[start:start + x.shape[0]] = x
     finally:
         if bar is not None:

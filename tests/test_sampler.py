@@ -311,6 +311,13 @@ def test_non_finite_output_names_the_step():
     out = fastddim.sample(m, n=2, steps=4, shape=SHAPE, schedule=fastddim.Schedule.linear(), progress=False,
                           check_finite=False)
     assert torch.isnan(out).any()
+    # the encoder: calls at t = 0, 0, 250, 500 (source convention); with refine=1 every step
+    # adds a call at its target: 0, 0 | 0, 250 | 250, 500 | 500, 750
+    kw = dict(shape=SHAPE, schedule=fastddim.Schedule.linear(), spacing="uniform", progress=False)
+    with pytest.raises(FloatingPointError, match=r"step 2 \(t=250\) of the inversion"):
+        fastddim.invert(m, torch.zeros(2, *SHAPE), 4, **kw)
+    with pytest.raises(FloatingPointError, match=r"model call 3 \(t=250\) of the inversion"):
+        fastddim.invert(m, torch.zeros(2, *SHAPE), 4, refine=1, **kw)
 
 
 def test_sigma_hat_keeps_samples_in_range(model):
