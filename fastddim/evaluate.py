@@ -189,6 +189,13 @@ def reconstruction_errors(model, x0: torch.Tensor, steps: int, *, spacing="unifo
     return mse, xr, time.perf_counter() - t0
 
 
+def _mse_stats(mse: torch.Tensor, seconds: float) -> dict[str, float]:
+    """Summary of per-image MSEs (n,): mean, its standard error, median, max, and the time taken."""
+    k = len(mse)
+    return {"mse": float(mse.mean()), "se": float(mse.std() / math.sqrt(k)) if k > 1 else float("nan"),
+            "median": float(mse.median()), "max": float(mse.max()), "seconds": seconds}
+
+
 def _mean_std(v: Sequence[float]) -> tuple[float, float]:
     m = sum(v) / len(v)
     s = math.sqrt(sum((a - m) ** 2 for a in v) / (len(v) - 1)) if len(v) > 1 else float("nan")
@@ -438,7 +445,7 @@ def _write_report(path: Path, st: dict) -> None:
         a(head + " seconds |")
         a(line + "---|")
 
-        def cells(r, p):
+        def mse_cells(r, p):
             ok = "" if p == "" else ("yes" if r["mse"] <= p else "**no**")
             return f" {r['mse']:.2e} ± {r['se']:.1e} | {r['median']:.2e} | {r['max']:.2e} | {ok} |"
 
@@ -449,21 +456,22 @@ def _write_report(path: Path, st: dict) -> None:
                 a(f"| {s} | {t2['n_for'][str(s)]} | {p} | not run |" + " |" * (3 + 4 * bool(K)) + " |")
                 continue
             rr = r.get("refined")
-            row = f"| {s} | {r['n']} | {p} |" + cells(r, p)
+            row = f"| {s} | {r['n']} | {p} |" + mse_cells(r, p)
             if K:
-                row += cells(rr, p) if rr else " not run | | | |"
+                row += mse_cells(rr, p) if rr else " not run | | | |"
             a(row + f" {r['seconds'] + (rr['seconds'] if rr else 0):.0f} |")
         a("")
         done = [s for s in t2["steps"] if str(s) in t2["rows"] and s in PAPER_TABLE2]
         if done:
+            per_encoder = [("the Euler encoder", {s: t2["rows"][str(s)] for s in done})]
+            if K:
+                per_encoder.append((f"the refine={K} encoder", {s: t2["rows"][str(s)]["refined"] for s in done
+                                                               if "refined" in t2["rows"][str(s)]}))
             obs = []
-            for name, get in (("the Euler encoder", lambda r: r), (f"the refine={K} encoder", lambda r: r.get("refined"))):
-                got = [s for s in done if get(t2["rows"][str(s)])]
-                if not got or (name != "the Euler encoder" and not K):
-                    continue
-                ok = [s for s in got if get(t2["rows"][str(s)])["mse"] <= PAPER_TABLE2[s]]
-                obs.append(f"{name} is at or below the paper's CIFAR-10 value at {len(ok)} of {len(got)} step counts"
-                           + (f" (not at S = {', '.join(str(s) for s in got if s not in ok)})" if len(ok) < len(got) else ""))
+            for name, got in per_encoder:
+                miss = [s for s, r in got.items() if r["mse"] > PAPER_TABLE2[s]]
+                obs.append(f"{name} is at or below the paper's CIFAR-10 value at {len(got) - len(miss)} of "
+                           f"{len(got)} step counts" + (f" (not at S = {', '.join(map(str, miss))})" if miss else ""))
             a("Observed: " + "; ".join(obs) + ".")
             a("")
         if t2["variants"]:
@@ -664,12 +672,12 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     report = out / REPORT
     t2_nfor = {str(s): (table2_n if s < table2_long_from else table2_n_long) for s in t2_steps}
-    t1_evals_plan = sum(len(seed_list) * n * _calls(model, s, e, spacing1) for s in t1_steps for e in t1_etas) if table1 else 0
+    measure_t1 = table1 and t1_loaded is None
+    t1_evals_plan = sum(len(seed_list) * n * _calls(model, s, e, spacing1) for s in t1_steps for e in t1_etas) if measure_t1 else 0
     t2_evals_plan = (sum((4 + table2_refine if table2_refine else 2) * t2_nfor[str(s)] * s for s in t2_steps)
                      + len(t2_variants) * sum(2 * table2_n * s for s in t2v_steps)) if table2 else 0
     counts = []
     if t1_loaded is not None:
-        t1_evals_plan = 0
         counts.append(f"Table 1: taken from {table1_from} ({t1_loaded['table1']['evals']:,} network evaluations there)")
     elif table1:
         counts.append(f"Table 1: {len(t1_steps) * len(t1_etas)} cells x {len(seed_list)} seed(s) x {n} samples "
@@ -742,30 +750,26 @@ def evaluate(
         x_all = heldout_subset(max(t2_nfor.values()))
         recons = {}
         t0 = time.perf_counter()
+
+        def t2_count(evals: int, seconds: float) -> None:
+            t2["evals"] += evals
+            evals_done[0] += evals
+            evals_done[1] += seconds
+            t2["seconds"] = time.perf_counter() - t0
         for s in t2_steps:
             k = t2_nfor[str(s)]
             mse, xr, sec = reconstruction_errors(model, x_all[:k], s, batch_size=batch_size, device=device)
             recons[s] = xr
-            se = float(mse.std() / math.sqrt(k)) if k > 1 else float("nan")
-            t2["rows"][str(s)] = {"n": k, "mse": float(mse.mean()), "se": se, "max": float(mse.max()),
-                                  "median": float(mse.median()), "common": float(mse[:t2["n_common"]].mean()),
-                                  "seconds": sec}
-            t2["evals"] += 2 * k * s
-            evals_done[0] += 2 * k * s
-            evals_done[1] += sec
+            row = t2["rows"][str(s)] = {"n": k, "common": float(mse[:t2["n_common"]].mean()), **_mse_stats(mse, sec)}
+            t2_count(2 * k * s, sec)
+            msg = f"table2 S={s} n={k}: MSE {row['mse']:.2e}"
             if table2_refine:
                 mse_r, _, sec_r = reconstruction_errors(model, x_all[:k], s, refine=table2_refine,
                                                         batch_size=batch_size, device=device)
-                t2["rows"][str(s)]["refined"] = {
-                    "mse": float(mse_r.mean()), "se": float(mse_r.std() / math.sqrt(k)) if k > 1 else float("nan"),
-                    "max": float(mse_r.max()), "median": float(mse_r.median()), "seconds": sec_r}
-                t2["evals"] += (2 + table2_refine) * k * s
-                evals_done[0] += (2 + table2_refine) * k * s
-                evals_done[1] += sec_r
-            t2["seconds"] = time.perf_counter() - t0
-            log(f"table2 S={s} n={k}: MSE {float(mse.mean()):.2e}"
-                + (f", refine={table2_refine}: {t2['rows'][str(s)]['refined']['mse']:.2e}" if table2_refine else "")
-                + f" ({time.perf_counter() - t0:.0f} s, {(time.perf_counter() - t_start) / 60:.1f} min)")
+                row["refined"] = _mse_stats(mse_r, sec_r)
+                t2_count((2 + table2_refine) * k * s, sec_r)
+                msg += f", refine={table2_refine}: {row['refined']['mse']:.2e}"
+            log(msg + f" ({time.perf_counter() - t0:.0f} s, {(time.perf_counter() - t_start) / 60:.1f} min)")
             flush()
         for v in t2_variants:
             sp, conv = v.split(":")
@@ -773,11 +777,8 @@ def evaluate(
             for s in t2v_steps:
                 mse, _, sec = reconstruction_errors(model, x_all[:table2_n], s, spacing=sp, convention=conv,
                                                     batch_size=batch_size, device=device)
-                rows[str(s)] = {"mse": float(mse.mean()), "median": float(mse.median()), "seconds": sec}
-                t2["evals"] += 2 * table2_n * s
-                evals_done[0] += 2 * table2_n * s
-                evals_done[1] += sec
-                t2["seconds"] = time.perf_counter() - t0
+                rows[str(s)] = _mse_stats(mse, sec)
+                t2_count(2 * table2_n * s, sec)
                 log(f"table2 variant {v} S={s} n={table2_n}: MSE {float(mse.mean()):.2e} ({sec:.0f} s)")
                 flush()
         if figures:
@@ -815,11 +816,13 @@ def _load_table1(path) -> dict:
     try:
         data = json.loads(raw[len(_RAW_PREFIX):].rsplit(" -->", 1)[0].replace("- -", "--"))
         t1 = data["table1"]
-        assert isinstance(t1["cells"], dict) and t1["steps"] and t1["etas"]
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise ValueError(f"table1_from: {p} holds no Table 1 results") from None
-    if any(len(t1["cells"].get(_cell_key(st, e), {}).get("fd", [])) < len(t1["seeds"])
-           for st in t1["steps"] for e in t1["etas"]):
+        ok = isinstance(t1["cells"], dict) and t1["steps"] and t1["etas"] and t1["seeds"]
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"table1_from: {p} holds no Table 1 results")
+    if any(len(t1["cells"].get(_cell_key(s, e), {}).get("fd", [])) < len(t1["seeds"])
+           for s in t1["steps"] for e in t1["etas"]):
         raise ValueError(f"table1_from: {p} holds an unfinished Table 1")
 
     def line(prefix):
