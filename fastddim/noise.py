@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from .checks import check_seed  # noqa: F401  (re-exported: the seed check lives in checks)
+
 __all__ = ["philox4x32", "uniform_from_bits", "normal", "normal_like_batch", "PHILOX_ROUNDS"]
 
 PHILOX_ROUNDS = 10
@@ -118,10 +120,3 @@ def normal(
 def normal_like_batch(x: torch.Tensor, seed: int, first_index: int, step: int) -> torch.Tensor:
     """``normal`` shaped like the batch ``x`` (B, *shape), on x's device."""
     return normal(seed, first_index, x.shape[0], step, tuple(x.shape[1:]), x.device)
-
-
-def check_seed(seed) -> int:
-    """Validate a user seed: a Python int in [0, 2**64)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return seed

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .checks import check_eta
 from .schedule import Schedule
 
 __all__ = ["SPACINGS", "PREDICTION_TYPES", "timesteps", "Plan", "make_plan", "COLUMNS"]
@@ -160,19 +161,6 @@ class Plan:
             "use_clipped_model_output": self.use_clipped_model_output,
             "final_alpha_cumprod": self.final_alpha_cumprod,
         }
-
-
-def check_eta(eta) -> float | str:
-    if isinstance(eta, str):
-        if eta != "sigma_hat":
-            raise ValueError(f"eta must be a non-negative finite number or 'sigma_hat', got {eta!r}")
-        return eta
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)):
-        raise TypeError(f"eta must be a number or 'sigma_hat', got {type(eta).__name__}")
-    eta = float(eta)
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a non-negative finite number or 'sigma_hat', got {eta!r}")
-    return eta
 
 
 def make_plan(

@@ -16,7 +16,8 @@ import torch
 
 from . import reference
 from .dispatch import make_step, resolve_backend
-from .noise import check_seed, normal
+from .checks import check_seed
+from .noise import normal
 from .plan import Plan, make_plan
 from .schedule import Schedule
 
