@@ -9,6 +9,7 @@ Public names: ``sample``, ``invert``, ``interpolate``, ``Schedule``, ``from_diff
 __version__ = "0.1.0"
 
 from .diffusers_compat import from_diffusers
+from .plan import paper_timesteps
 from .pretrained import pretrained
 from .sampler import info, interpolate, invert, sample
 from .schedule import Schedule

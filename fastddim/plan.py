@@ -20,7 +20,7 @@ import torch
 from .checks import check_eta
 from .schedule import Schedule
 
-__all__ = ["SPACINGS", "PREDICTION_TYPES", "timesteps", "Plan", "make_plan", "COLUMNS"]
+__all__ = ["SPACINGS", "PREDICTION_TYPES", "timesteps", "paper_timesteps", "Plan", "make_plan", "COLUMNS"]
 
 SPACINGS = ("uniform", "quad", "leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -103,6 +103,52 @@ def timesteps(T: int, S: int, spacing: str | Sequence[int] = "uniform", steps_of
     if any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError(f"spacing: explicit timesteps must be strictly decreasing, got {ts}")
     return ts
+
+
+PAPER_SKIPS = ("uniform", "quad")
+
+
+def paper_timesteps(skip: str, S: int, T: int = 1000) -> list[int]:
+    """The timesteps the paper's own code (ermongroup/ddim, ``--skip_type``, ``--timesteps S``)
+    visits, decreasing, for ``fastddim.sample(model, steps=len(ts), spacing=ts)``.
+
+    - ``"uniform"``: ``range(0, T, T // S)``. When S does not divide T this is more than S
+      timesteps (S = 30 gives 31, S = 7 gives 8); they are returned as the paper runs them.
+    - ``"quad"``: ``[int(s) for s in np.linspace(0, np.sqrt(0.8 * T), S) ** 2]``, topping out
+      at 0.8 T. For large S the paper's list repeats small timesteps (0 at S = 30 and 50;
+      0 and 2 at S = 100); each repeat is kept once here, so such S give fewer than S entries.
+
+    Why repeats can be dropped: the paper pairs t with the previous list entry, so a repeat is a
+    step from t to the same t. Its a_t equals a_next exactly, so sigma is exactly 0 and the
+    update ``sqrt(a_next) * x0 + sqrt(1 - a_next) * eps`` gives x_t back, up to float32 rounding;
+    it costs one model call. Measured against the paper's loop (tests/test_parity_paper.py,
+    eta = 0, float32, CPU): with the repeats removed the result is bit-identical to the paper's at
+    quad S = 30, 50 and 100, and within 1e-6 (S = 200) and 4e-6 (S = 500) of it, where the paper's
+    identity steps round. ``fastddim.sample`` (``backend="torch"``) over these timesteps gave the
+    paper loop's numbers bit for bit there and at uniform S = 10 and 30 (the tests allow float32
+    rounding, 1e-5, as the other paper-parity tests do).
+    With eta > 0 the paper also draws ``torch.randn`` on an identity step, shifting its noise
+    stream; fastddim's noise is counter-based and never matches the paper's draws anyway.
+
+    Args:
+        skip: ``"uniform"`` or ``"quad"`` (the paper's ``--skip_type``).
+        S: the paper's ``--timesteps``, an int in [1, T].
+        T: training timesteps (the paper's ``num_diffusion_timesteps``), >= 1.
+
+    Returns:
+        The distinct timesteps, strictly decreasing, each in [0, T).
+    """
+    from .checks import check_int
+
+    if skip not in PAPER_SKIPS:
+        raise ValueError(f"skip must be one of {PAPER_SKIPS} (the paper's skip types), got {skip!r}")
+    T = check_int("T", T, 1)
+    S = check_int("S", S, 1, T)
+    if skip == "uniform":
+        seq = list(range(0, T, T // S))
+    else:
+        seq = [int(s) for s in np.linspace(0, np.sqrt(0.8 * T), S) ** 2]
+    return sorted(set(seq), reverse=True)
 
 
 @dataclass(frozen=True)

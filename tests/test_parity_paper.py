@@ -85,3 +85,61 @@ def test_quad_duplicates_are_moved_up(S):
     assert len(set(paper)) < S
     assert len(set(plan.timesteps)) == S
     assert max(plan.timesteps) == max(paper)
+
+
+# ------------------------------------------------------------------ fastddim.paper_timesteps (the paper's own list)
+@pytest.mark.parametrize("skip_type,S", [("uniform", 10), ("uniform", 30), ("uniform", 7), ("uniform", 1000),
+                                         ("quad", 10), ("quad", 30), ("quad", 50), ("quad", 100), ("quad", 1)])
+def test_paper_timesteps_are_the_papers_list(skip_type, S):
+    seq = paper_seq(skip_type, S)
+    ts = fastddim.paper_timesteps(skip_type, S)
+    assert ts == sorted(set(seq), reverse=True)
+    assert all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] == 0
+
+
+def test_paper_timesteps_step_counts():
+    # uniform keeps the paper's extra step when S does not divide T; quad drops the repeats
+    assert len(fastddim.paper_timesteps("uniform", 10)) == 10
+    assert len(fastddim.paper_timesteps("uniform", 30)) == 31
+    assert fastddim.paper_timesteps("uniform", 30)[:2] == [990, 957]
+    assert [len(fastddim.paper_timesteps("quad", S)) for S in (20, 30, 50, 100)] == [20, 29, 49, 96]
+    assert fastddim.paper_timesteps("quad", 10, T=500) == sorted({int(s) for s in np.linspace(0, np.sqrt(400), 10) ** 2},
+                                                                 reverse=True)
+
+
+@pytest.mark.parametrize("skip_type,S", [("uniform", 10), ("uniform", 30), ("quad", 10), ("quad", 30), ("quad", 50),
+                                         ("quad", 100)])
+def test_sampling_paper_timesteps_equals_the_paper_loop(skip_type, S):
+    """sample(steps=len(ts), spacing=paper_timesteps(...)) against the paper's generalized_steps over its
+    own list, repeats included (S = 30 uniform: 31 steps; quad S >= 30: repeated timesteps)."""
+    seq = paper_seq(skip_type, S)
+    ts = fastddim.paper_timesteps(skip_type, S)
+    x_T = fastddim.noise.normal(5, 0, 4, 0, (3, 8, 8))
+    ref = generalized_steps(x_T, seq, smooth_model, paper_betas())
+    got = fastddim.sample(smooth_model, n=4, steps=len(ts), spacing=ts, x_T=x_T, shape=(3, 8, 8),
+                          schedule=fastddim.Schedule.linear(), backend="torch", progress=False)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("S,exact", [(30, True), (100, True), (200, False)])
+def test_a_repeated_timestep_is_an_identity_step(S, exact):
+    """The paper's step from t to the same t: a_t == a_next, so sigma is 0 and x_t comes back, up to
+    float32 rounding. Dropping the repeats changes nothing (S = 30, 100) or about one ulp per repeat."""
+    seq = paper_seq("quad", S)
+    assert len(set(seq)) < len(seq)
+    at = compute_alpha(paper_betas(), torch.tensor(seq))
+    assert all(at[i] == at[i - 1] for i in range(1, len(seq)) if seq[i] == seq[i - 1])
+    x_T = fastddim.noise.normal(3, 0, 4, 0, (3, 8, 8))
+    with_repeats = generalized_steps(x_T, seq, smooth_model, paper_betas())
+    without = generalized_steps(x_T, sorted(set(seq)), smooth_model, paper_betas())
+    if exact:
+        assert torch.equal(with_repeats, without)
+    torch.testing.assert_close(with_repeats, without, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, err", [(("linear", 10), ValueError), (("quad", 0), ValueError),
+                                       (("uniform", 1001), ValueError), (("quad", 10.0), TypeError),
+                                       (("uniform", 10, 0), ValueError)])
+def test_paper_timesteps_bad_arguments(args, err):
+    with pytest.raises(err):
+        fastddim.paper_timesteps(*args)
