@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_seed", "check_eta", "check_dtype"]
+__all__ = ["check_int", "check_float", "check_seed", "check_eta", "check_dtype", "check_int_list"]
 
 
 def check_int(name: str, v, lo: int, hi: int | None = None) -> int:
@@ -64,3 +64,24 @@ def check_dtype(name: str, dtype):
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating torch.dtype, got {dtype!r}")
     return dtype
+
+
+def check_int_list(name: str, v, lo: int, hi: int | None = None, *, unique: bool = False) -> list[int]:
+    """A non-empty sequence (not a string) of ints, each in [lo, hi] (hi=None: no upper bound);
+    with ``unique``, no value twice."""
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(v).__name__}")
+    v = list(v)
+    if not v:
+        raise ValueError(f"{name} must hold at least one int, got an empty list")
+    bad = [x for x in v if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{name} must hold ints, got {bad[0]!r}")
+    out = [int(x) for x in v]
+    off = [x for x in out if x < lo or (hi is not None and x > hi)]
+    if off:
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must hold ints {rng}, got {off[0]}")
+    if unique and len(set(out)) != len(out):
+        raise ValueError(f"{name} must not repeat a value, got {out}")
+    return out
