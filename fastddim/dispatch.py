@@ -14,15 +14,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Callable
-
 import torch
 
 from . import reference
-from .noise import normal_like_batch
+from .noise import normal, normal_like_batch
 from .plan import Plan
 
-__all__ = ["BACKENDS", "resolve_backend", "make_step", "available_backends", "threshold_scale"]
+__all__ = ["BACKENDS", "Step", "resolve_backend", "make_step", "available_backends", "threshold_scale"]
 
 log = logging.getLogger("fastddim")
 
@@ -31,8 +29,6 @@ PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}  # as kernels/ddim_s
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
 LOW_DTYPES = (torch.bfloat16, torch.float16)
 
-# A step function: (x, out, j, first_index) -> (x_prev, x0); x, out: (B, *shape).
-StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def _triton_reason(device: torch.device) -> str | None:
@@ -83,7 +79,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def threshold_scale(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, plan: Plan) -> torch.Tensor:
+def threshold_scale(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, plan: Plan,
+                    q: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic thresholding's per-sample s (B,) for step j, as reference.threshold computes it.
 
     The quantile needs all of a sample's x0 before any element can be clipped, so it is a
@@ -92,7 +89,8 @@ def threshold_scale(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: 
     """
     x0, _ = reference.predict_x0_eps(x, out.float(), table[j, 0], table[j, 1], plan.prediction_type)
     flat = x0.reshape(x0.shape[0], -1).abs()
-    return torch.quantile(flat, plan.dynamic_thresholding_ratio, dim=1).clamp(min=1, max=plan.sample_max_value)
+    q = plan.dynamic_thresholding_ratio if q is None else q  # a 0-dim tensor q compiles on torch 2.11 too
+    return torch.quantile(flat, q, dim=1).clamp(min=1, max=plan.sample_max_value)
 
 
 def _clip_mode(plan: Plan) -> tuple[int, float]:
@@ -111,60 +109,99 @@ def _rng_state(seed: int, first_index: int, device: torch.device) -> torch.Tenso
     return torch.tensor([bits, first_index], dtype=torch.int64).to(device)
 
 
-def make_step(
-    backend: str, plan: Plan, seed: int, *, need_x0: bool = True, device: torch.device | None = None,
-    low_dtype: torch.dtype | None = None,
-) -> StepFn:
-    """The step of ``plan`` for a resolved backend, with its noise drawn for (seed, index, step).
+class Step:
+    """The step of one plan on one backend, with its static device buffers.
 
-    Returns ``step(x, out, j, first_index) -> (x_prev, x0)`` with x (B, *shape) fp32 and out the
-    model output (B, *shape). ``need_x0=False`` lets the fused kernels skip writing x0 (x0 is
-    then None). ``device``: move the plan's table there now (else on the first call; once per run
-    either way). ``low_dtype`` (bf16/fp16): the step returns (x_prev, x0, x_prev in low_dtype),
-    the copy made in the same pass, for a model that runs in low precision.
+    ``step(x, out, j, first_index) -> (x_prev, x0)`` (or ``(x_prev, x0, x_low)`` with
+    ``low_dtype``): x (B, *shape) fp32, out the model output (B, *shape). The plan table, the rng
+    state (seed bits, first_index) and the thresholding quantile live in device tensors made once
+    and updated in place (``set_rng``: ``fill_``), never re-created per batch, so a CUDA graph that
+    captured them replays with new values. ``first_index=None``: use what the rng buffer holds.
     """
-    if low_dtype is not None and low_dtype not in LOW_DTYPES:
-        raise ValueError(f"low_dtype must be one of {LOW_DTYPES} or None, got {low_dtype!r}")
-    if backend == "torch":
 
-        def step(x: torch.Tensor, out: torch.Tensor, j: int, first_index: int):
-            z = normal_like_batch(x, seed, first_index, j + 1) if plan.noise[j] else None
-            prev, x0 = reference.ddim_step(x, out, plan, j, z)
-            x0 = x0 if need_x0 else None
-            return (prev, x0) if low_dtype is None else (prev, x0, prev.to(low_dtype))
+    def __init__(self, backend: str, plan: Plan, seed: int, *, need_x0: bool, device: torch.device,
+                 low_dtype: torch.dtype | None):
+        if low_dtype is not None and low_dtype not in LOW_DTYPES:
+            raise ValueError(f"low_dtype must be one of {LOW_DTYPES} or None, got {low_dtype!r}")
+        if backend not in ("torch", "triton", "cpp", "cuda"):
+            raise RuntimeError(f"backend {backend!r} has no step implementation")
+        self.backend, self.plan, self.need_x0, self.low_dtype = backend, plan, need_x0, low_dtype
+        self.device = torch.device(device)
+        self.seed, self.first_index = seed, 0
+        self.rng = _rng_state(seed, 0, self.device)
+        if backend != "torch":
+            from . import _ops  # registers torch.ops.fastddim.ddim_step
 
-        return step
-    if backend not in ("triton", "cpp", "cuda"):
-        raise RuntimeError(f"backend {backend!r} has no step implementation")
+            self._ops = _ops
+            self.table = plan.table.to(self.device)
+            self.pred = PRED_CODES[plan.prediction_type]
+            self.clip, self.clip_range = _clip_mode(plan)
+            # q as a 0-dim tensor: a float q breaks fullgraph compiles of torch.quantile on torch 2.11.
+            self.q = torch.tensor(plan.dynamic_thresholding_ratio, dtype=torch.float32).to(self.device)
 
-    from . import _ops  # registers torch.ops.fastddim.ddim_step
+    def set_rng(self, seed: int, first_index: int) -> None:
+        """Point the noise at (seed, first_index) in place (no allocation, no host sync)."""
+        if seed != self.seed:
+            self.rng[0].fill_(seed - 2**64 if seed >= 2**63 else seed)
+            self.seed = seed
+        if first_index != self.first_index:
+            self.rng[1].fill_(first_index)
+            self.first_index = first_index
 
-    pred = PRED_CODES[plan.prediction_type]
-    clip, clip_range = _clip_mode(plan)
-    tables: dict[torch.device, torch.Tensor] = {}
-    if device is not None:
-        tables[torch.device(device)] = plan.table.to(device)
-    rng_key: list = [None, None]  # (device, first_index) of the cached rng tensor, and the tensor
+    def normal(self, b: int, shape: tuple[int, ...], step: int) -> torch.Tensor:
+        """(b, *shape) fp32 noise of samples first_index .. + b at ``step``, by this backend's kernel."""
+        if self.backend == "torch":
+            return normal(self.seed, self.first_index, b, step, shape, self.device)
+        return self.normal_into(torch.empty((b, *shape), dtype=torch.float32, device=self.device), step)
 
-    def step(x: torch.Tensor, out: torch.Tensor, j: int, first_index: int):
-        dev = x.device
-        table = tables.get(dev)
-        if table is None:
-            table = tables[dev] = plan.table.to(dev)
-        if rng_key[0] != (dev, first_index):  # once per batch, not per step
-            rng_key[0], rng_key[1] = (dev, first_index), _rng_state(seed, first_index, dev)
+    def normal_into(self, res: torch.Tensor, step: int) -> torch.Tensor:
+        """Fill res (B, *shape) fp32 in place with the noise of samples first_index .. + B at ``step``.
+
+        The fused backends' kernels read the seed and index from the rng buffer (graph-safe).
+        """
+        if self.backend == "torch":
+            return res.copy_(normal(self.seed, self.first_index, res.shape[0], step, tuple(res.shape[1:]), self.device))
+        self._ops.normal_(self.backend, res, self.rng, step)
+        return res
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, j: int, first_index: int | None = None):
+        if first_index is not None:
+            self.set_rng(self.seed, first_index)
+        if self.backend == "torch":
+            return self._reference(x, out, j)
         if out.dtype not in (torch.float32, *LOW_DTYPES):
             out = out.float()
         x, out = x.float().contiguous(), out.contiguous()
-        s = threshold_scale(x, out, table, j, plan) if clip == CLIP_THRESHOLD else None
+        plan = self.plan
+        s = threshold_scale(x, out, self.table, j, plan, self.q) if self.clip == CLIP_THRESHOLD else None
         # Eagerly, call the op's implementation directly: the dispatcher round trip costs more
         # than the whole kernel at small sizes. Under torch.compile, the registered op.
-        op = torch.ops.fastddim.ddim_step if torch.compiler.is_compiling() else _ops.ddim_step
+        op = torch.ops.fastddim.ddim_step if torch.compiler.is_compiling() else self._ops.ddim_step
         prev, x0, low = op(
-            x, out, table, j, rng_key[1], s, backend, pred, clip, clip_range,
-            plan.use_clipped_model_output, plan.sigma_hat, plan.noise[j], need_x0, low_dtype,
+            x, out, self.table, j, self.rng, s, self.backend, self.pred, self.clip, self.clip_range,
+            plan.use_clipped_model_output, plan.sigma_hat, plan.noise[j], self.need_x0, self.low_dtype,
         )
-        x0 = x0 if need_x0 else None
-        return (prev, x0) if low_dtype is None else (prev, x0, low)
+        x0 = x0 if self.need_x0 else None
+        return (prev, x0) if self.low_dtype is None else (prev, x0, low)
 
-    return step
+    def _reference(self, x: torch.Tensor, out: torch.Tensor, j: int):
+        z = normal_like_batch(x, self.seed, self.first_index, j + 1) if self.plan.noise[j] else None
+        prev, x0 = reference.ddim_step(x, out, self.plan, j, z)
+        x0 = x0 if self.need_x0 else None
+        return (prev, x0) if self.low_dtype is None else (prev, x0, prev.to(self.low_dtype))
+
+
+def make_step(
+    backend: str, plan: Plan, seed: int, *, need_x0: bool = True, device: torch.device | None = None,
+    low_dtype: torch.dtype | None = None,
+) -> Step:
+    """The step of ``plan`` for a resolved backend, with its noise drawn for (seed, index, step).
+
+    Returns a ``Step``: ``step(x, out, j, first_index) -> (x_prev, x0)`` with x (B, *shape) fp32
+    and out the model output (B, *shape). ``need_x0=False`` lets the fused kernels skip writing
+    x0 (x0 is then None). ``device``: where the static buffers live (default: the CPU).
+    ``low_dtype`` (bf16/fp16): the step returns (x_prev, x0, x_prev in low_dtype), the copy made in
+    the same pass, for a model that runs in low precision.
+    """
+    return Step(backend, plan, seed, need_x0=need_x0, device=device if device is not None else torch.device("cpu"),
+                low_dtype=low_dtype)

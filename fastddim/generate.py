@@ -9,9 +9,12 @@ number of processes. Rank r of a world of size W makes the shards k with k % W =
 ``fastddim.sample(..., first_index=start)``, so sample i is a pure function of (seed, i): the
 result is byte-identical for any world size, batch size or interruption pattern on one device
 type (given a model whose output for one row does not depend on the other rows of its batch).
+On the CPU each process runs torch with a fixed number of intra-op threads (``threads``,
+default 1): torch's CPU kernels can round differently with the thread count, so a fixed count
+keeps the bytes the same whether one process or many make them.
 Ranks do not talk while sampling; they meet once at a barrier at the end, then rank 0 assembles.
 
-On disk (``DIR`` = ``out``):
+On disk (``DIR`` = ``out``), kept by ``fastddim.shards``:
     DIR/shards/shard-00000.npz   arr_0 uint8 (len, H, W, C), start, stop, config_hash, config (JSON)
     DIR/samples.npz              arr_0 uint8 (n, H, W, C): the n images in index order
     DIR/manifest.json            what made them (model, schedule, plan, seed, n, versions, device)
@@ -21,8 +24,13 @@ shard is either complete or absent, never partial.
 Resuming: run the same command again. Existing shards are verified (loadable, right index
 range, right config hash) and kept; missing ones are made. A folder holding a run with a
 different configuration (model weights, schedule, steps/timesteps, eta, seed, n, shard size,
-shape, dtype, device type, backend) is refused; batch size and world size are not part of the
-configuration. Shards that cannot be loaded (damaged disk) are made again, with a warning.
+shape, dtype, device type, backend, CPU threads, class labels) is refused; batch size and world
+size are not part of the configuration. Shards that cannot be loaded (damaged disk) are made
+again, with a warning.
+
+Class labels (conditional models): ``class_label=K`` gives every image label K; ``classes=C``
+gives image i the label i % C (so any n spreads evenly over the classes, and the label, like
+the noise, depends only on i). The model is called as ``model(x, t, class_labels=labels)``.
 
 Progress (rank 0 only): a tqdm bar of images done, images/s and ETA. It counts the images of the
 shards present in ``DIR/shards`` (polled at most twice a second, so it sees every rank's
@@ -31,68 +39,36 @@ keeps polling the folder.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import math
 import os
-import re
 import sys
 import time
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 
+from .checks import check_device, check_int
 from .dispatch import resolve_backend
-from .images import TMP_MARK, save_npz, save_npz_stream, to_uint8
+from .engine import resolve_schedule, resolve_shape
+from .images import to_uint8
+from .paths import output_folder
 from .plan import make_plan
-from .sampler import _check_int, _resolve_schedule, _resolve_shape, sample
+from .sampler import sample
+from .shards import (  # noqa: F401  (ConfigMismatch, config_hash, shard_ranges: re-exported)
+    DEFAULT_SHARD_SIZE, ConfigMismatch, Progress, RunFolder, config_hash, model_digest, shard_ranges,
+)
 
-__all__ = ["generate", "init_distributed", "shard_ranges", "config_hash", "model_digest", "ConfigMismatch"]
+__all__ = ["generate", "init_distributed", "class_labels", "shard_ranges", "config_hash", "model_digest",
+           "ConfigMismatch", "DEFAULT_SHARD_SIZE"]
 
-SHARD_DIR = "shards"
-SHARD_RE = re.compile(r"^shard-(\d{5,})\.npz$")
-SAMPLES = "samples.npz"
-MANIFEST = "manifest.json"
-DEFAULT_SHARD_SIZE = 1024
 # Test hook: stop (exit status 3 from the CLI) after writing this many shards in this process.
 STOP_ENV = "FASTDDIM_GENERATE_STOP_AFTER_SHARDS"
 
 
-class ConfigMismatch(ValueError):
-    """The output folder holds a run with another configuration."""
-
-
 class StoppedForTest(RuntimeError):
     """Raised after ``FASTDDIM_GENERATE_STOP_AFTER_SHARDS`` shards (simulates an interruption)."""
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}.npz"
-
-
-def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
-    """[(start, stop)] of every shard, in order: shard k covers [k*shard_size, min(n, (k+1)*shard_size))."""
-    return [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
-
-
-def model_digest(model) -> str | None:
-    """sha256 (first 16 hex digits) of a module's class name and state dict (names, dtypes,
-    shapes, bytes); None for a model that is not a ``torch.nn.Module``."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def config_hash(config: dict) -> str:
-    """sha256 (first 16 hex digits) of the configuration as canonical JSON."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def init_distributed(device: str | torch.device | None = None) -> tuple[int, int, torch.device]:
@@ -105,12 +81,8 @@ def init_distributed(device: str | torch.device | None = None) -> tuple[int, int
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device("device", device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' asked for, but CUDA is not available here")
         if dev.index is None:
             dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)
@@ -131,76 +103,131 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _read_shard(path: str, full: bool) -> dict[str, Any]:
-    """A shard's metadata (and its images when ``full``); raises ValueError if unreadable."""
+def class_labels(start: int, stop: int, *, class_label: int | None = None, classes: int | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor | None:
+    """The labels of images start .. stop - 1: (stop - start,) int64, ``class_label`` for every
+    image or ``i % classes`` for image i; None when neither is given."""
+    if class_label is not None and classes is not None:
+        raise ValueError("give class_label (one label for all) or classes (spread over C classes), not both")
+    if class_label is not None:
+        return torch.full((stop - start,), check_int("class_label", class_label, 0), dtype=torch.int64, device=device)
+    if classes is not None:
+        return (torch.arange(start, stop, dtype=torch.int64) % check_int("classes", classes, 1)).to(device)
+    return None
+
+
+def sample_range(model: Callable, start: int, stop: int, batch_size: int, *, class_label: int | None = None,
+                 classes: int | None = None, x_T: torch.Tensor | None = None, **sample_kwargs) -> torch.Tensor:
+    """``fastddim.sample`` of images start .. stop - 1 (x_T: their initial noise, optional), the
+    model getting each batch's own ``class_labels`` when labels are asked for; (stop - start, *shape)."""
+    if class_label is None and classes is None:
+        return sample(model, n=stop - start, first_index=start, batch_size=batch_size, x_T=x_T, **sample_kwargs)
+    dev = sample_kwargs.get("device")
+    parts = []
+    for a in range(start, stop, batch_size):
+        b = min(stop, a + batch_size)
+        labels = class_labels(a, b, class_label=class_label, classes=classes, device=dev)
+        parts.append(sample(model, n=b - a, first_index=a, batch_size=b - a, model_kwargs={"class_labels": labels},
+                            x_T=None if x_T is None else x_T[a - start:b - start], **sample_kwargs))
+    return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def _threads(k: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to k (None: unchanged) for the block."""
+    before = torch.get_num_threads()
+    if k is not None:
+        torch.set_num_threads(k)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = {"config_hash": str(z["config_hash"]), "config": str(z["config"]),
-                    "start": int(z["start"]), "stop": int(z["stop"])}
-            if full:
-                meta["images"] = z["arr_0"]
-    except Exception as e:  # zip, header or key errors: all mean "not a usable shard"
-        raise ValueError(f"{path}: not a readable shard ({type(e).__name__}: {e})") from None
-    return meta
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+def _run_device(model, device) -> torch.device:
+    if device is not None:
+        return check_device("device", device)
+    p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return p.device if p is not None else torch.device("cpu")
 
 
-def _diff(ours: dict, theirs: dict) -> str:
-    ours, theirs = _flat(ours), _flat(theirs)
-    keys = sorted(set(ours) | set(theirs))
-    parts = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in keys if ours.get(k) != theirs.get(k)]
-    parts = sorted((p if len(p) < 100 else p[:97] + "...") for p in parts)
-    parts.sort(key=len)
-    return "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")
+def _describe(model, n: int, steps: int, *, eta, spacing, seed: int, shard_size: int, dtype: torch.dtype,
+              dev: torch.device, backend: str, model_name: str | None, threads: int | None, labels: dict | None,
+              plan_kwargs: dict) -> tuple[dict, dict]:
+    """(config, manifest): what a run's bytes depend on (hashed; checked on resume), and what it records."""
+    from . import __version__
+
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    schedule = resolve_schedule(model, None)
+    plan = make_plan(schedule, steps, eta=eta, spacing=spacing, **plan_kwargs)
+    shape = resolve_shape(model, None, None)
+    digest = model_digest(model)
+    config = {
+        "model": digest if digest is not None else f"name:{model_name}",
+        "schedule": schedule.to_dict()["alphas_cumprod_sha256"], "steps": plan.steps, "plan": plan.describe(),
+        "spacing": spacing if isinstance(spacing, str) or spacing is None else "explicit",
+        "seed": seed, "n": n, "shard_size": shard_size, "shape": list(shape),
+        "dtype": str(dtype).replace("torch.", ""), "device_type": dev.type, "backend": backend,
+        "image_format": "uint8 NHWC round((x+1)*127.5)", "threads": threads, "class_labels": labels,
+    }
+    manifest = {
+        "model": model_name, "model_sha256": digest, "schedule": schedule.to_dict(), "steps": plan.steps,
+        "timesteps": list(plan.timesteps), "eta": plan.eta,
+        "spacing": spacing if isinstance(spacing, str) or spacing is None else list(spacing),
+        "seed": seed, "n": n, "shard_size": shard_size, "num_shards": math.ceil(n / shard_size),
+        "shape": list(shape), "image_layout": "NHWC uint8, round((x + 1) * 127.5) clamped to [0, 255]",
+        "dtype": config["dtype"], "device_type": dev.type,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "backend": backend, "threads": threads, "torch": torch.__version__, "fastddim": __version__,
+        "class_labels": None if labels is None else {
+            **labels, "rule": f"every image has label {labels['class_label']}" if "class_label" in labels
+            else f"image i has label i % {labels['classes']}"},
+        "config_hash": None, "config": config, "complete": False,
+    }
+    return config, manifest
 
 
-def _mismatch(out_dir: str, what: str, ours: dict, theirs_json: str | dict) -> ConfigMismatch:
-    try:
-        theirs = json.loads(theirs_json) if isinstance(theirs_json, str) else theirs_json
-        detail = _diff(ours, theirs)
-    except (ValueError, TypeError):
-        detail = "unreadable configuration"
-    return ConfigMismatch(
-        f"{what} in {out_dir} comes from a different configuration ({detail}); "
-        "use another --out folder, or delete the old run to start over"
-    )
+def _make_shards(folder: RunFolder, todo: list[int], bar: Progress, model, batch_size: int, labels: dict | None,
+                 sample_kwargs: dict) -> int:
+    """Make the shards ``todo``; returns the number of images made."""
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    last_step = sample_kwargs["steps"] - 1
+
+    def on_step(j, t, x, x0):
+        if j == last_step:
+            bar.inflight += x.shape[0]
+            bar.poll()
+
+    made = 0
+    for count, k in enumerate(todo, 1):
+        a, b = folder.ranges[k]
+        bar.inflight = 0
+        x = sample_range(model, a, b, batch_size, **(labels or {}), progress=False,
+                         callback=on_step if bar.bar is not None else None, **sample_kwargs)
+        folder.write_shard(k, to_uint8(x))
+        made += b - a
+        bar.inflight = 0
+        bar.poll(force=True)
+        if stop_after and count >= stop_after and count < len(todo):
+            raise StoppedForTest(f"stopped after {count} shard(s) ({STOP_ENV}={stop_after})")
+    return made
 
 
-class _Progress:
-    """Rank 0's bar: images in finished shard files on disk + rank 0's in-progress images."""
-
-    def __init__(self, enabled: bool, n: int, shard_dir: str, sizes: dict[str, int], initial: int):
-        self.bar = None
-        self.shard_dir, self.sizes, self.inflight, self.last = shard_dir, sizes, 0, 0.0
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=n, initial=initial, unit="img", desc="fastddim generate", dynamic_ncols=True)
-
-    def poll(self, force: bool = False) -> None:
-        if self.bar is None or (not force and time.monotonic() - self.last < 0.5):
-            return
-        self.last = time.monotonic()
-        try:
-            names = os.listdir(self.shard_dir)
-        except OSError:
-            return
-        done = sum(self.sizes.get(f, 0) for f in names) + self.inflight
-        self.bar.update(min(done, self.bar.total) - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.poll(force=True)
-            self.bar.close()
+def _meet(world: int, made: int, seconds: float, bar: Progress, dev: torch.device) -> tuple[int, float]:
+    """The barrier at the end: (images made by all ranks, seconds since the earliest rank began).
+    An all-reduce of the image counts doubles as the barrier; rank 0's bar keeps moving meanwhile."""
+    if world == 1:
+        return made, seconds
+    total = torch.tensor([made], dtype=torch.int64, device=dev)
+    began = torch.tensor([time.time() - seconds], dtype=torch.float64, device=dev)
+    work = torch.distributed.all_reduce(total, async_op=True)
+    while bar.bar is not None and not work.is_completed():
+        bar.poll()
+        time.sleep(0.2)
+    work.wait()
+    torch.distributed.all_reduce(began, op=torch.distributed.ReduceOp.MIN)
+    return int(total.item()), time.time() - float(began.item())
 
 
 def generate(
@@ -220,6 +247,9 @@ def generate(
     model_name: str | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    threads: int = 1,
+    class_label: int | None = None,
+    classes: int | None = None,
     **plan_kwargs,
 ) -> dict[str, Any] | None:
     """Make ``n`` samples into ``out_dir`` (see the module docstring), resuming what is there.
@@ -228,7 +258,7 @@ def generate(
         model: as for ``fastddim.sample`` (with ``schedule`` and ``sample_shape`` attributes),
             already on ``device``; images are taken to lie in [-1, 1].
         n, steps, eta, spacing, seed, dtype, backend, plan_kwargs: as for ``fastddim.sample``.
-        out_dir: the output folder (created if needed).
+        out_dir: the output folder (created with its parents if needed).
         batch_size: samples per model call (default: min(shard_size, 256 on CUDA / 64 on CPU));
             capped at the shard size. Not part of the configuration.
         shard_size: images per shard file (part of the configuration).
@@ -237,129 +267,46 @@ def generate(
             only for a model that is not a ``torch.nn.Module``, whose weights cannot be hashed).
         progress: rank 0's tqdm bar (default: when stderr is a terminal).
         log: where rank 0 reports kept/remade shards (default: stderr).
+        threads: torch intra-op threads in this process while sampling on the CPU (default 1;
+            restored afterwards). Part of the configuration: with the same value in every
+            process the bytes do not depend on the number of processes.
+        class_label, classes: labels for a conditional model (see the module docstring).
 
     Under ``torch.distributed`` (see ``init_distributed``) each rank makes its shards; call it
-    on every rank with the same arguments. Returns the manifest dict on rank 0, None elsewhere.
+    on every rank with the same arguments. Returns the manifest dict on rank 0 (plus
+    ``"this_call": {"images_made", "seconds"}``, not written to disk), None elsewhere.
     Raises ``ConfigMismatch`` (a ValueError) when ``out_dir`` holds another configuration.
     """
     rank, world = _world()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    n = _check_int("n", n, 1)
-    shard_size = _check_int("shard_size", shard_size, 1)
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
-    out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"output folder {out_dir!r} is a file")
-    schedule = _resolve_schedule(model, None)
-    plan = make_plan(schedule, steps, eta=eta, spacing=spacing, **plan_kwargs)
-    shape = _resolve_shape(model, None, None)
-    if isinstance(model, torch.nn.Module) and device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else None
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    backend_name = resolve_backend(backend, dev)
-    if batch_size is None:
-        batch_size = 256 if dev.type == "cuda" else 64
-    batch_size = min(_check_int("batch_size", batch_size, 1), shard_size)
-
-    from . import __version__
-
-    digest = model_digest(model)
-    config = {
-        "model": digest if digest is not None else f"name:{model_name}",
-        "schedule": schedule.to_dict()["alphas_cumprod_sha256"],
-        "steps": plan.steps,
-        "plan": plan.describe(),
-        "spacing": spacing if isinstance(spacing, str) or spacing is None else "explicit",
-        "seed": seed,
-        "n": n,
-        "shard_size": shard_size,
-        "shape": list(shape),
-        "dtype": str(dtype).replace("torch.", ""),
-        "device_type": dev.type,
-        "backend": backend_name,
-        "image_format": "uint8 NHWC round((x+1)*127.5)",
-    }
-    chash = config_hash(config)
-    config_json = json.dumps(config, sort_keys=True)
-    shard_dir = os.path.join(out_dir, SHARD_DIR)
-    samples_path = os.path.join(out_dir, SAMPLES)
-    manifest_path = os.path.join(out_dir, MANIFEST)
-    os.makedirs(shard_dir, exist_ok=True)
-
-    manifest = {
-        "model": model_name, "model_sha256": digest, "schedule": schedule.to_dict(), "steps": plan.steps,
-        "timesteps": list(plan.timesteps), "eta": plan.eta,
-        "spacing": spacing if isinstance(spacing, str) or spacing is None else list(spacing),
-        "seed": seed, "n": n, "shard_size": shard_size, "num_shards": math.ceil(n / shard_size),
-        "shape": list(shape), "image_layout": "NHWC uint8, round((x + 1) * 127.5) clamped to [0, 255]",
-        "dtype": config["dtype"], "device_type": dev.type,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "backend": backend_name, "torch": torch.__version__, "fastddim": __version__,
-        "config_hash": chash, "config": config, "complete": False, "batch_size": batch_size,
-    }
-
-    # --- an existing manifest must describe this configuration
-    old = None
-    if os.path.exists(manifest_path):
-        try:
-            with open(manifest_path) as f:
-                old = json.load(f)
-            old_hash = old["config_hash"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{manifest_path} is unreadable ({e}); delete it (and the run) or use another --out") from None
-        if old_hash != chash:
-            raise _mismatch(out_dir, "the run (manifest.json)", config, old.get("config", {}))
-    elif os.path.exists(samples_path):
-        raise ValueError(f"{samples_path} exists but {manifest_path} does not: not overwriting a file of unknown "
-                         "origin; use another --out folder")
-    if old is not None and old.get("complete") and os.path.exists(samples_path):
+    n, shard_size = check_int("n", n, 1), check_int("shard_size", shard_size, 1)
+    threads = check_int("threads", threads, 1)
+    out_dir = output_folder(out_dir, "out_dir")
+    class_labels(0, 0, class_label=class_label, classes=classes)  # checks them
+    labels = ({"class_label": class_label} if class_label is not None
+              else {"classes": classes} if classes is not None else None)
+    dev = _run_device(model, device)
+    backend = resolve_backend(backend, dev)
+    threads = threads if dev.type == "cpu" else None
+    config, manifest = _describe(model, n, steps, eta=eta, spacing=spacing, seed=seed, shard_size=shard_size,
+                                 dtype=dtype, dev=dev, backend=backend, model_name=model_name, threads=threads,
+                                 labels=labels, plan_kwargs=plan_kwargs)
+    batch_size = min(check_int("batch_size", batch_size, 1) if batch_size is not None
+                     else 256 if dev.type == "cuda" else 64, shard_size)
+    folder = RunFolder(out_dir, config, n, shard_size, (*manifest["shape"][1:], manifest["shape"][0]))
+    manifest.update(config_hash=folder.hash, batch_size=batch_size)
+    old = folder.check()
+    if folder.complete(old):
         if rank == 0:
-            log(f"fastddim: {samples_path} is already complete ({n} images); nothing to do")
-        return old if rank == 0 else None
-
-    # --- every shard on disk must come from this configuration (checked by every rank, cheaply)
-    ranges = shard_ranges(n, shard_size)
-    sizes = {shard_name(k): b - a for k, (a, b) in enumerate(ranges)}
-    for name in sorted(os.listdir(shard_dir)):
-        if SHARD_RE.match(name):
-            try:
-                meta = _read_shard(os.path.join(shard_dir, name), full=False)
-            except ValueError:
-                continue  # unreadable: its owner makes it again below
-            if meta["config_hash"] != chash:
-                raise _mismatch(out_dir, f"shard {name}", config, meta["config"])
-
+            log(f"fastddim: {folder.samples} is already complete ({n} images); nothing to do")
+        return {**old, "this_call": {"images_made": 0, "seconds": 0.0}} if rank == 0 else None
     if rank == 0:
-        save_json(manifest_path, manifest)
+        folder.save_manifest(manifest)
 
-    # --- my shards: keep the good ones, (re)make the others
-    mine = [k for k in range(len(ranges)) if k % world == rank]
-    mine_names = {shard_name(k) for k in mine}
-    for f in os.listdir(shard_dir):  # temporaries left by a killed run; each rank removes its own shards'
-        if f.startswith(".") and TMP_MARK in f and f[1:f.index(TMP_MARK)] in mine_names:
-            os.remove(os.path.join(shard_dir, f))
-    todo = []
-    for k in mine:
-        path = os.path.join(shard_dir, shard_name(k))
-        if not os.path.exists(path):
-            todo.append(k)
-            continue
-        try:
-            meta = _read_shard(path, full=True)
-            a, b = ranges[k]
-            ok = (meta["start"], meta["stop"]) == (a, b) and meta["images"].shape == (b - a, *_hwc(shape)) \
-                and meta["images"].dtype == np.uint8
-            why = "wrong index range or shape"
-        except ValueError as e:
-            ok, why = False, str(e)
-        if not ok:
-            log(f"fastddim: warning: remaking damaged shard {path} ({why})")
-            os.remove(path)
-            todo.append(k)
+    mine = [k for k in range(len(folder.ranges)) if k % world == rank]
+    todo = folder.todo(mine, log)
+    if not mine:
+        log(f"fastddim: rank {rank} of {world}: nothing to do ({len(folder.ranges)} shard(s) for {world} processes)")
     if rank == 0 and len(mine) > len(todo):
         log(f"fastddim: resuming in {out_dir}: rank 0 keeps {len(mine) - len(todo)} of its {len(mine)} shards")
         if old is not None and old.get("batch_size") not in (None, batch_size):
@@ -367,85 +314,21 @@ def generate(
                 "a model whose output depends on the batch composition (many conv nets, in the last bit) "
                 "can make rare +-1 differences against a run made in one go")
 
-    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
-    initial = sum(sizes[f] for f in os.listdir(shard_dir) if f in sizes)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    bar = _Progress(bool(progress) and rank == 0, n, shard_dir, sizes, initial)
-    last_step = plan.steps - 1
-    made_images = 0
+    bar = Progress(bool(sys.stderr.isatty() if progress is None else progress) and rank == 0, folder)
+    sample_kwargs = dict(steps=steps, eta=eta, spacing=spacing, seed=seed, device=dev, dtype=dtype, backend=backend,
+                         **plan_kwargs)
     t0 = time.perf_counter()
     try:
-        for count, k in enumerate(todo, 1):
-            a, b = ranges[k]
-            bar.inflight = 0
-
-            def on_step(j, t, x, x0):
-                if j == last_step:
-                    bar.inflight += x.shape[0]
-                    bar.poll()
-
-            x = sample(
-                model, n=b - a, steps=steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size,
-                device=dev, dtype=dtype, backend=backend_name, first_index=a, progress=False,
-                callback=on_step if bar.bar is not None else None, **plan_kwargs,
-            )
-            save_npz(os.path.join(shard_dir, shard_name(k)), arr_0=to_uint8(x), start=np.int64(a),
-                     stop=np.int64(b), config_hash=np.str_(chash), config=np.str_(config_json))
-            made_images += b - a
-            bar.inflight = 0
-            bar.poll(force=True)
-            if stop_after and count >= stop_after and count < len(todo):
-                raise StoppedForTest(f"stopped after {count} shard(s) ({STOP_ENV}={stop_after})")
-
-        # --- meet the other ranks once (an all-reduce of the image counts doubles as the barrier);
-        # rank 0 keeps its bar moving while it waits
-        seconds = time.perf_counter() - t0
-        if world > 1:
-            # images made by all ranks, and the time since the earliest rank started sampling
-            total = torch.tensor([made_images], dtype=torch.int64, device=dev)
-            began = torch.tensor([time.time() - seconds], dtype=torch.float64, device=dev)
-            work = torch.distributed.all_reduce(total, async_op=True)
-            while bar.bar is not None and not work.is_completed():
-                bar.poll()
-                time.sleep(0.2)
-            work.wait()
-            torch.distributed.all_reduce(began, op=torch.distributed.ReduceOp.MIN)
-            made_images = int(total.item())
-            seconds = time.time() - float(began.item())
+        with _threads(threads):
+            made = _make_shards(folder, todo, bar, model, batch_size, labels, sample_kwargs)
+        made, seconds = _meet(world, made, time.perf_counter() - t0, bar, dev)
     finally:
         bar.close()
     if rank != 0:
         return None
-
-    # --- rank 0: assemble the n images in index order, one shard in memory at a time
-    def chunks():
-        for k, (a, b) in enumerate(ranges):
-            path = os.path.join(shard_dir, shard_name(k))
-            if not os.path.exists(path):
-                raise ValueError(f"{path} is missing after all ranks finished (was the folder changed meanwhile?)")
-            meta = _read_shard(path, full=True)
-            if meta["config_hash"] != chash or (meta["start"], meta["stop"]) != (a, b):
-                raise _mismatch(out_dir, f"shard {shard_name(k)}", config, meta["config"])
-            yield meta["images"]
-
-    save_npz_stream(samples_path, "arr_0", (n, *_hwc(shape)), np.uint8, chunks())
-    manifest.update(
-        complete=True, world_size=world, batch_size=batch_size,
-        last_run={"images_made": made_images, "seconds": round(seconds, 3),
-                  "images_per_s": round(made_images / seconds, 3) if seconds > 0 else None},
-    )
-    save_json(manifest_path, manifest)
-    return manifest
-
-
-def _hwc(shape: Sequence[int]) -> tuple[int, ...]:
-    c, *hw = shape
-    return (*hw, c)
-
-
-def save_json(path: str, obj: dict) -> None:
-    from .images import atomic_write
-
-    with atomic_write(path) as f:
-        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    folder.assemble()
+    this_call = {"images_made": made, "seconds": round(seconds, 3),
+                 "images_per_s": round(made / seconds, 3) if seconds > 0 else None}
+    manifest.update(complete=True, world_size=world, last_run=this_call)
+    folder.save_manifest(manifest)
+    return {**manifest, "this_call": this_call}

@@ -20,10 +20,17 @@ import torch
 from .checks import check_eta
 from .schedule import Schedule
 
-__all__ = ["SPACINGS", "PREDICTION_TYPES", "timesteps", "paper_timesteps", "Plan", "make_plan", "COLUMNS"]
+__all__ = ["SPACINGS", "PREDICTION_TYPES", "PLAN_KWARGS", "timesteps", "paper_timesteps", "Plan", "make_plan", "COLUMNS"]
 
 SPACINGS = ("uniform", "quad", "leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+# Keyword arguments of make_plan that shape a run beyond (schedule, steps, eta, spacing); sample,
+# invert and interpolate pass them through.
+PLAN_KWARGS = (
+    "steps_offset", "set_alpha_to_one", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
+    "dynamic_thresholding_ratio", "sample_max_value", "use_clipped_model_output",
+)
 
 # Columns of the per-step scalar table, shared with every kernel (same order in kernels/, csrc/).
 COLUMNS = (
