@@ -239,7 +239,7 @@ def test_invert_png_input(cli, tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ help
-@pytest.mark.parametrize("cmd", [[], ["sample"], ["invert"], ["interpolate"], ["generate"], ["train"]])
+@pytest.mark.parametrize("cmd", [[], ["sample"], ["invert"], ["interpolate"], ["generate"], ["train"], ["eval"]])
 def test_help(cli, cmd):
     p = cli(*cmd, "--help", check=0)
     assert p.stdout.startswith("usage: fastddim")
@@ -251,23 +251,13 @@ def test_no_command_is_a_usage_error(cli):
     assert_one_line_error(cli(), code=2)
 
 
-def test_eval_hook(cli, monkeypatch):
-    """``fastddim eval`` appears exactly when fastddim.evaluate exists, through its two functions."""
-    import importlib.util
-    import types
+def test_eval_is_registered_directly():
+    """``fastddim eval`` is built from fastddim.paper like every other command: no import hop."""
+    import inspect
 
     import fastddim.cli as cli_mod
 
-    if importlib.util.find_spec("fastddim.evaluate") is None:
-        assert_one_line_error(cli("eval"), code=2, contains=["eval"])
-    fake = types.ModuleType("fastddim.evaluate")
-    fake.__doc__ = "Fake evaluation."
-    fake.add_eval_arguments = lambda p: p.add_argument("--metric", default="fid")
-    fake.run_eval = lambda args: print(f"metric={args.metric}") or 0
-    monkeypatch.setitem(sys.modules, "fastddim.evaluate", fake)
-    monkeypatch.setattr(cli_mod.importlib.util, "find_spec", lambda name: True)
-    p = cli("eval", "--metric", "is", check=0)
-    assert p.stdout.strip() == "metric=is"
+    assert "importlib" not in inspect.getsource(cli_mod._add_eval) + inspect.getsource(cli_mod.build_parser)
 
 
 # ---------------------------------------------------------------------------- user errors

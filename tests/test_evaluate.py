@@ -1,12 +1,15 @@
-"""fastddim eval (fastddim.evaluate) on a tiny stand-in model: the report's rows, the figures, bad input."""
-import argparse
+"""fastddim eval (fastddim.paper) on a tiny stand-in model: the report's rows, the figures, the raw
+results, bad input."""
 import json
+import os
 
 import pytest
 import torch
 
 import fastddim
-from fastddim import evaluate as ev
+import fastddim.paper as ev
+from fastddim import cli
+from fastddim.paper import figures, report, results
 
 
 class TinyDigitModel(torch.nn.Module):
@@ -27,19 +30,19 @@ class TinyDigitModel(torch.nn.Module):
         return (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.s2 + 1 - a)
 
 
-def _args(argv):
-    p = argparse.ArgumentParser()
-    ev.add_eval_arguments(p)
-    return p.parse_args(argv)
+TINY = f"{__file__}:TinyDigitModel"  # the CLI's --model file.py:attr form
+
+
+def run_eval(argv) -> int:
+    """``fastddim eval ...`` in this process, with the tiny model."""
+    return cli.main(["eval", "--model", TINY, *argv])
 
 
 def test_report_rows_and_figures(tmp_path, capsys):
-    args = _args(["--table1", "--table2", "--figures", "--n", "6", "--seeds", "2", "--out", str(tmp_path),
-                  "--table1-steps", "2,4", "--table1-etas", "0,1,sigma_hat", "--table2-steps", "2,5,20",
-                  "--table2-n", "4", "--table2-n-long", "2", "--table2-long-from", "10", "--batch-size", "4",
-                  "--table2-variants", "quad:target", "--table2-variant-steps", "2,3"])
-    args.model = TinyDigitModel()
-    assert ev.run_eval(args) == 0
+    assert run_eval(["--table1", "--table2", "--figures", "--n", "6", "--seeds", "2", "--out", str(tmp_path),
+                     "--table1-steps", "2,4", "--table1-etas", "0,1,sigma_hat", "--table2-steps", "2,5,20",
+                     "--table2-n", "4", "--table2-n-long", "2", "--table2-long-from", "10", "--batch-size", "4",
+                     "--table2-variants", "quad:target", "--table2-variant-steps", "2,3"]) == 0
     md = (tmp_path / "paper_tables.md").read_text()
     assert "not Inception FID" in md
     assert "| eta \\ S | 2 | 4 |" in md
@@ -55,23 +58,26 @@ def test_report_rows_and_figures(tmp_path, capsys):
     row = next(line for line in md.splitlines() if line.startswith("| quad:target |"))
     assert row.count("e-") >= 2 and "not run" not in row
     assert "finished after" in md and "## How to remake this" in md
-    raw = json.loads(md.split("<!-- raw results (JSON): ", 1)[1].split(" -->", 1)[0])
+    raw = json.loads((tmp_path / "paper_tables.json").read_text())  # the raw results, beside the report
+    assert "<!-- raw results" not in md and "[paper_tables.json](paper_tables.json)" in md
+    assert report.render(raw) == md  # the report is rendered from them
     assert len(raw["table1"]["cells"]["2/sigma_hat"]["fd"]) == 2 and raw["table2"]["rows"]["20"]["n"] == 2
     # the refined encoder inverts the exact model's decoder much better than the Euler one
     rows = raw["table2"]["rows"]
     assert rows["5"]["refined"]["mse"] < rows["5"]["mse"] and rows["20"]["refined"]["mse"] < rows["20"]["mse"] / 5
-    for name in ev.FIGURES.values():
+    for name in figures.FIGURES.values():
         assert (tmp_path / name).stat().st_size > 1000, name
         assert f"]({name})" in md
     assert str(tmp_path / "paper_tables.md") in capsys.readouterr().out
 
 
-def test_table1_from_an_earlier_report(tmp_path):
-    """A long Table 1 run combined with a later Table 2: the numbers are carried over, not remeasured."""
+def test_table1_from_an_earlier_run(tmp_path):
+    """A long Table 1 run combined with a later Table 2: the numbers are carried over from the earlier
+    run's raw results (its paper_tables.json), not remeasured."""
     m = TinyDigitModel()
     first = ev.evaluate(m, table1=True, n=5, seeds=2, table1_steps=(2, 3), table1_etas=(0.0, 1.0), out=tmp_path / "a")
     calls = []
-    later = ev.evaluate(m, table2=True, table1_from=tmp_path / "a" / "paper_tables.md", table2_steps=(2,),
+    later = ev.evaluate(m, table2=True, table1_from=tmp_path / "a" / "paper_tables.json", table2_steps=(2,),
                         table2_n=2, table2_refine=0, out=tmp_path / "b", log=calls.append)
     assert later["table1"]["cells"] == json.loads(json.dumps(first["table1"]["cells"]))
     md = (tmp_path / "b" / "paper_tables.md").read_text()
@@ -80,20 +86,46 @@ def test_table1_from_an_earlier_report(tmp_path):
     assert len(rows) == 2 and all(r in md for r in rows)
     assert "--table1-from" in md and "Table 2" in md and "refine=" not in md.split("## Table 2", 1)[1].split("##")[0]
     assert not any(c.startswith("table1 S=") for c in calls)  # nothing of Table 1 was sampled again
+    b_raw = json.loads((tmp_path / "b" / "paper_tables.json").read_text())
+    assert b_raw["table1_from"]["path"] == str(tmp_path / "a" / "paper_tables.json")
 
     class OtherModel(TinyDigitModel):
         pass
 
     with pytest.raises(ValueError, match="table1_from.*made with the model"):
-        ev.evaluate(OtherModel(), table2=True, table1_from=tmp_path / "a" / "paper_tables.md", out=tmp_path / "c")
-    (tmp_path / "plain.md").write_text("# not a report\n")
-    for bad, match in ((tmp_path / "missing.md", "cannot read"), (tmp_path / "plain.md", "no raw results"),
-                       (tmp_path / "b" / "paper_tables.md", None)):
-        if match is None:  # b's own raw results carry Table 1 too, so it can be reused in turn
-            ev.evaluate(m, table1_from=bad, out=tmp_path / "d")
-            continue
+        ev.evaluate(OtherModel(), table2=True, table1_from=tmp_path / "a" / "paper_tables.json", out=tmp_path / "c")
+    # b's own raw results carry Table 1 too, so it can be reused in turn
+    ev.evaluate(m, table1_from=tmp_path / "b" / "paper_tables.json", out=tmp_path / "d")
+
+
+def test_table1_from_refuses_what_is_not_a_finished_table1(tmp_path):
+    m = TinyDigitModel()
+    ev.evaluate(m, table1=True, n=4, table1_steps=(2,), table1_etas=(0.0,), out=tmp_path / "a")
+    raw = json.loads((tmp_path / "a" / "paper_tables.json").read_text())
+    raw["table1"]["cells"]["2/0"]["fd"] = []  # as an interrupted run leaves it
+    (tmp_path / "unfinished.json").write_text(json.dumps(raw))
+    (tmp_path / "t2only.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "table1"}))
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    (tmp_path / "garbage.json").write_bytes(b"\x00\xff not json")
+    for bad, match in ((tmp_path / "missing.json", "cannot read"),
+                       (tmp_path / "a" / "paper_tables.md", "is a markdown report; pass the raw results written "
+                                                            "beside it \\(paper_tables.json\\)"),
+                       (tmp_path / "other.json", "not a raw-results file"),
+                       (tmp_path / "garbage.json", "not a raw-results file"),
+                       (tmp_path / "t2only.json", "holds no Table 1"),
+                       (tmp_path / "unfinished.json", "unfinished Table 1")):
         with pytest.raises(ValueError, match=f"table1_from: .*{match}"):
             ev.evaluate(m, table1_from=bad, out=tmp_path / "d")
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+
+
+def test_cli_table1_from_a_markdown_report_is_one_line(tmp_path, capsys):
+    ev.evaluate(TinyDigitModel(), table1=True, n=4, table1_steps=(2,), table1_etas=(0.0,), out=tmp_path / "a")
+    capsys.readouterr()
+    assert run_eval(["--table2", "--table1-from", str(tmp_path / "a" / "paper_tables.md"), "--out",
+                     str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastddim: error: table1_from:") and "paper_tables.json" in err
 
 
 def test_single_setting_python_and_cli(capsys):
@@ -105,11 +137,14 @@ def test_single_setting_python_and_cli(capsys):
     # Same seed, same numbers; batch size does not matter.
     r2 = ev.evaluate(m, n=8, steps=3, eta="sigma_hat", seeds=[0], batch_size=3)
     assert r2["single"]["fd"][0] == pytest.approx(s["fd"][0], rel=1e-5)
-    args = _args(["--n", "5", "--steps", "2", "--eta", "0.5", "--json"])
-    args.model = m
-    assert ev.run_eval(args) == 0
+    capsys.readouterr()
+    assert run_eval(["--n", "5", "--steps", "2", "--eta", "0.5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 2 and out["eta"] == 0.5 and out["spacing"] == "quad"
+    assert run_eval(["-n", "5", "--steps", "2", "--eta", "0.5", "--json"]) == 0  # -n as well as --n
+    assert json.loads(capsys.readouterr().out)["fd"] == out["fd"]
+    assert run_eval(["-n", "5", "--steps", "2"]) == 0
+    assert "FD to held-out MNIST" in capsys.readouterr().out
 
 
 def test_table2_reconstruction_is_accurate_for_the_exact_model():
@@ -157,3 +192,77 @@ def test_wrong_model_shape(tmp_path):
         ev.evaluate(m, n=4, steps=2)
     with pytest.raises(ValueError, match="unknown|not found|cannot load"):
         ev.evaluate("no-such-model", n=4, steps=2)
+
+
+def test_cli_out_defaults_to_a_folder_named_for_the_job(tmp_path, monkeypatch, capsys):
+    """Not ./docs wherever it is run: ./paper_eval/ (report, raw results, figures)."""
+    monkeypatch.chdir(tmp_path)
+    assert run_eval(["--table1", "-n", "4", "--table1-steps", "2", "--table1-etas", "0"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["paper_eval"]
+    assert sorted(os.listdir(tmp_path / "paper_eval")) == ["paper_tables.json", "paper_tables.md"]
+    assert capsys.readouterr().out.strip() == os.path.join("paper_eval", "paper_tables.md")
+
+
+class CountingModel(TinyDigitModel):
+    calls = 0
+
+    def forward(self, x, t):
+        CountingModel.calls += 1
+        return super().forward(x, t)
+
+
+def test_output_folder_checked_before_any_model_call(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ValueError, match=f"out .*: {tmp_path / 'afile'} is a file, not a folder"):
+            ev.evaluate(CountingModel(), table1=True, n=4, table1_steps=(2,), table1_etas=(0.0,), out=out)
+    assert CountingModel.calls == 0
+    capsys.readouterr()
+    assert run_eval(["--table2", "--out", str(tmp_path / "afile" / "sub")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "afile is a file, not a folder" in err and "Traceback" not in err
+    # missing folders are made, parents included
+    ev.evaluate(CountingModel(), table1=True, n=4, table1_steps=(2,), table1_etas=(0.0,), out=tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b" / "paper_tables.md").is_file() and CountingModel.calls > 0
+
+
+def test_cli_eval_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: fastddim eval") and "examples:" in out
+    assert "-n N, --n N" in out and "paper_eval" in out and "--table1-from JSON" in out
+
+
+def test_imports_point_one_way():
+    """cli -> paper -> library: importing the package loads neither the CLI nor matplotlib."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastddim.paper; bad = [m for m in ('fastddim.cli', 'matplotlib', 'fastddim.evaluate') "
+            "if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_report_renders_from_raw_results_alone(tmp_path):
+    """The report is a function of the JSON: re-rendering an interrupted run's raw results gives its report."""
+    ev.evaluate(TinyDigitModel(), table2=True, table2_steps=(2, 3), table2_n=2, table2_refine=1, out=tmp_path)
+    st = results.load(tmp_path / "paper_tables.json")
+    assert report.render(st) == (tmp_path / "paper_tables.md").read_text()
+    del st["table2"]["rows"]["3"]
+    st["done"] = False
+    md = report.render(st)
+    assert "STILL RUNNING" in md and "| 3 | 2 |  | not run |" in md
+
+
+def test_check_int_list():
+    from fastddim.checks import check_int_list
+
+    assert check_int_list("steps", (10, 20), 1, 1000) == [10, 20]
+    for bad, err in (("10,20", TypeError), ([], ValueError), ([1.5], TypeError), ([True], TypeError),
+                     ([0], ValueError), ([1001], ValueError)):
+        with pytest.raises(err, match="steps"):
+            check_int_list("steps", bad, 1, 1000)
+    with pytest.raises(ValueError, match="repeat"):
+        check_int_list("seeds", [3, 3], 0, unique=True)

@@ -1,0 +1,394 @@
+"""``evaluate(...)``: check the settings, load the model, measure, and keep the raw results and the
+report up to date after every cell. The measuring is in ``measure``, the drawing in ``figures``,
+the markdown in ``report``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..checks import check_eta, check_int, check_int_list
+from . import figures as figs
+from . import measure, report, results, tables
+from .tables import TABLE1_ETAS, TABLE1_STEPS, TABLE2_STEPS
+
+__all__ = ["evaluate", "check_output_dir", "DEFAULT_OUT"]
+
+DEFAULT_OUT = "paper_eval"  # a folder named for the job, in the current directory
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked arguments of one ``evaluate`` call."""
+    table1: bool
+    table2: bool
+    figures: bool
+    n: int
+    seeds: list
+    steps: int | None
+    eta: float | str | None
+    spacing: str
+    out: Path
+    batch_size: int | None
+    t1_steps: list
+    t1_etas: list
+    t2_steps: list
+    t2_n_for: dict
+    t2_variants: list
+    t2_variant_steps: list
+    t2_variant_n: int
+    t2_refine: int
+    table1_from: str | os.PathLike | None
+
+    @property
+    def report(self) -> bool:
+        return self.table1 or self.table2 or self.figures
+
+
+def evaluate(
+    model="mnist", *, table1: bool = False, table2: bool = False, figures: bool = False, n: int = 128, seeds=1,
+    steps: int | None = None, eta=None, spacing: str | None = None, out: str | os.PathLike = DEFAULT_OUT,
+    device=None, batch_size: int | None = 128, table1_steps: Sequence[int] | str = TABLE1_STEPS,
+    table1_etas: Sequence | str = TABLE1_ETAS, table2_steps: Sequence[int] | str = TABLE2_STEPS, table2_n: int = 64,
+    table2_n_long: int = 16, table2_long_from: int = 200, table2_variants: Sequence[str] | str = (),
+    table2_variant_steps: Sequence[int] | str = (10, 20, 50), table2_refine: int = 1,
+    table1_from: str | os.PathLike | None = None, command: str | None = None,
+    log: Callable[[str], None] | None = None, load: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Run the measurements; with any of table1/table2/figures, write ``out/paper_tables.md`` and its
+    raw results ``out/paper_tables.json`` (both rewritten after every cell, so an interrupted run
+    keeps what it measured).
+
+    Args:
+        model: a model object (``sample_shape`` (1, 32, 32), ``schedule``), a packaged name
+            (``"mnist"``) or a checkpoint path; a name goes through ``load`` (default
+            ``fastddim.pretrained`` on ``device``, else CUDA if available, else CPU).
+        table1, table2, figures: which parts to make. With none, measure one setting
+            (``steps``, default 50; ``eta``, default 0) and return its FD (mean, std over seeds).
+        n: samples per Table 1 cell (and for the single setting); >= 2.
+        seeds: a count k (seeds 0..k-1), a list of seeds, or a string "3" / "0,5,9".
+        spacing: Table 1 and the single setting ("quad" by default). Table 2 always uses "uniform".
+        out: folder of the report, its JSON and the figures (default ``paper_eval``, made with its
+            parents when missing; refused before any model call when part of the path is a file).
+        batch_size: samples per model call (results do not depend on it).
+        table1_steps, table1_etas, table2_steps, table2_variant_steps: lists, or comma strings.
+        table2_n: images for Table 2 rows with S < ``table2_long_from``; ``table2_n_long`` for the rest.
+        table2_variants: diagnostic rows, "spacing:convention" pairs (e.g. "quad:target").
+        table2_refine: K > 0 adds, for every Table 2 row, the round trip through
+            ``invert(refine=K)`` (S * (1 + K) encoder calls) next to the paper's plain encoder.
+        table1_from: the ``paper_tables.json`` of an earlier run of the same model: take Table 1 from
+            it instead of measuring it again (implies ``table1``).
+        command: the command line to print in the report (the CLI fills it in).
+        log: progress lines (default: print to stderr).
+        load: turns a model name into a model (the CLI passes its own, which knows module:attr).
+
+    Returns:
+        A dict with ``single`` / ``table1`` / ``table2`` / ``figures`` (those made), ``report`` (its
+        path or None) and ``seconds``.
+
+    Raises:
+        ValueError: a bad argument or output folder (checked before any model call).
+    """
+    cfg = _settings(table1 or table1_from is not None, table2, figures, n, seeds, steps, eta, spacing, out,
+                    batch_size, table1_steps, table1_etas, table2_steps, table2_n, table2_n_long, table2_long_from,
+                    table2_variants, table2_variant_steps, table2_refine, table1_from)
+    loaded = results.load_table1(table1_from) if table1_from is not None else None
+    if cfg.report:
+        check_output_dir(cfg.out)
+    model, desc = _load(model, device, load)
+    _check_model(model, desc, cfg, loaded)
+    from .. import metrics
+
+    metrics.heldout_features()  # load the classifier and the held-out statistics once, up front
+    if device is None and isinstance(model, torch.nn.Module):
+        device = next((p.device for p in model.parameters()), None)
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if not cfg.report:
+        return _run_single(model, cfg, device, log)
+    command = command or _python_command(cfg)
+    return _run_report(model, cfg, loaded, _provenance(command, desc, loaded), device, log)
+
+
+# ------------------------------------------------------------------------------ checks
+def _ints(name: str, v, lo: int, hi: int | None = None) -> list[int]:
+    """A list of ints from a sequence or a comma string ("10,20,50")."""
+    if isinstance(v, str):
+        try:
+            v = [int(p) for p in v.replace(" ", "").split(",") if p]
+        except ValueError:
+            raise ValueError(f"{name}: expected a comma list of ints, got {v!r}") from None
+    return check_int_list(name, v, lo, hi)
+
+
+def _eta(v) -> float | str:
+    """An eta from a number, "sigma_hat" or a string holding a number."""
+    if isinstance(v, str) and v != "sigma_hat":
+        try:
+            v = float(v)
+        except ValueError:
+            raise ValueError(f"eta must be a number >= 0 or 'sigma_hat', got {v!r}") from None
+    return check_eta(v)
+
+
+def _seeds(v) -> list[int]:
+    """Seeds from a count k (seeds 0..k-1), a list, or a string "3" / "0,5,9"."""
+    if isinstance(v, str):
+        try:
+            nums = [int(p, 0) for p in v.replace(" ", "").split(",") if p]
+        except ValueError:
+            raise ValueError(f"seeds: expected a count (e.g. 3) or a comma list (e.g. 0,5,9), got {v!r}") from None
+        v = nums[0] if len(nums) == 1 and "," not in v else nums
+    if isinstance(v, int) and not isinstance(v, bool):
+        return list(range(check_int("seeds (a count)", v, 1)))
+    return check_int_list("seeds", v, 0, 2**64 - 1, unique=True)
+
+
+def _variants(v) -> list[str]:
+    from ..plan import SPACINGS
+
+    items = [p for p in v.replace(" ", "").split(",") if p] if isinstance(v, str) else [str(i) for i in v]
+    for it in items:
+        sp, _, conv = it.partition(":")
+        if sp not in SPACINGS or conv not in ("source", "target"):
+            raise ValueError(f"table2_variants: expected spacing:convention with spacing in {SPACINGS} and "
+                             f"convention source or target, got {it!r}")
+    return items
+
+
+def _settings(table1, table2, figures, n, seeds, steps, eta, spacing, out, batch_size, table1_steps, table1_etas,
+              table2_steps, table2_n, table2_n_long, table2_long_from, table2_variants, table2_variant_steps,
+              table2_refine, table1_from) -> _Settings:
+    """Every argument checked, before anything is loaded or sampled."""
+    from ..plan import SPACINGS
+
+    report_ = table1 or table2 or figures
+    if report_ and (steps is not None or eta is not None):
+        raise ValueError("--steps/--eta choose the single setting; they do not apply with --table1/--table2/--figures "
+                         "(use --table1-steps/--table1-etas)")
+    spacing = "quad" if spacing is None else spacing
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    etas = [_eta(e) for e in (table1_etas.split(",") if isinstance(table1_etas, str) else table1_etas)]
+    if not etas:
+        raise ValueError("table1_etas: expected at least one eta")
+    t2_steps = _ints("table2_steps", table2_steps, 1, 1000)
+    table2_n, n_long = check_int("table2_n", table2_n, 1, 1000), check_int("table2_n_long", table2_n_long, 1, 1000)
+    long_from = check_int("table2_long_from", table2_long_from, 1)
+    variants = _variants(table2_variants)
+    return _Settings(
+        table1=table1, table2=table2, figures=figures, n=check_int("n", n, 2), seeds=_seeds(seeds),
+        steps=None if report_ else check_int("steps", 50 if steps is None else steps, 1),
+        eta=None if report_ else _eta(0.0 if eta is None else eta), spacing=spacing, out=Path(out),
+        batch_size=None if batch_size is None else check_int("batch_size", batch_size, 1),
+        t1_steps=_ints("table1_steps", table1_steps, 1, 1000), t1_etas=etas, t2_steps=t2_steps,
+        t2_n_for={str(s): (table2_n if s < long_from else n_long) for s in t2_steps},
+        t2_variants=variants, t2_variant_n=table2_n,
+        t2_variant_steps=_ints("table2_variant_steps", table2_variant_steps, 1, 1000) if variants else [],
+        t2_refine=check_int("table2_refine", table2_refine, 0, 100), table1_from=table1_from)
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """``path`` can be a folder of outputs: each part of it that exists is a folder, and the deepest
+    one that exists is writable (missing folders are made, with their parents, when writing starts).
+    Raises ``ValueError`` naming the offending path."""
+    p = Path(path)
+    for q in (p, *p.absolute().parents):
+        if not q.exists():
+            continue
+        if not q.is_dir():
+            raise ValueError(f"out {str(p)!r}: {q} is a file, not a folder")
+        if not os.access(q, os.W_OK | os.X_OK):
+            raise ValueError(f"out {str(p)!r}: cannot write in {q}")
+        break
+    return p
+
+
+def _check_model(model, desc: str, cfg: _Settings, loaded: dict | None) -> None:
+    measure.check_model(model)
+    if loaded is not None and loaded["model_desc"] != desc:
+        raise ValueError(f"table1_from: {cfg.table1_from} was made with the model {loaded['model_desc']!r}, "
+                         f"not {desc!r}")
+    T = len(model.schedule.alphas_cumprod) if hasattr(model.schedule, "alphas_cumprod") else 1000
+    for s in cfg.t1_steps + cfg.t2_steps + cfg.t2_variant_steps + ([cfg.steps] if cfg.steps else []):
+        if s > T:
+            raise ValueError(f"steps {s} exceed the model's T = {T}")
+
+
+# ------------------------------------------------------------------------------ the model and provenance
+def _load(model, device, load) -> tuple[Any, str]:
+    """(model, description) from a model object or a name; the description identifies the weights,
+    so that ``table1_from`` can refuse a Table 1 of another model."""
+    if not isinstance(model, (str, os.PathLike)):
+        if not callable(model):
+            raise ValueError(f"model must be a callable model, a packaged name or a checkpoint path, "
+                             f"got {type(model).__name__}")
+        return model, f"`{type(model).__name__}` passed in by the caller"
+    spec = os.fspath(model)
+    if load is None:
+        from ..pretrained import pretrained
+
+        m = pretrained(spec, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        m = load(spec)
+    return m, _describe(m, spec)
+
+
+def _describe(m, spec: str) -> str:
+    desc = f"`{spec}`"
+    if isinstance(m, torch.nn.Module):
+        desc += f" ({sum(p.numel() for p in m.parameters()):,} parameters"
+        sched = getattr(m, "schedule", None)
+        if sched is not None and hasattr(sched, "alphas_cumprod"):
+            desc += f", T = {len(sched.alphas_cumprod)}"
+        desc += ")"
+        from ..pretrained import _WEIGHTS_DIR, KNOWN
+
+        f = _WEIGHTS_DIR / KNOWN[spec] if spec in KNOWN else Path(spec)
+        if f.is_file():
+            import hashlib
+
+            # 12 hex digits: the form earlier reports carry, so their Table 1 stays reusable
+            desc += f", weights {f.name} sha256 {hashlib.sha256(f.read_bytes()).hexdigest()[:12]}"
+    return desc
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with {torch.get_num_threads()} "
+            f"thread(s), Python {platform.python_version()}, {platform.system()}")
+
+
+def _python_command(cfg: _Settings) -> str:
+    flags = [f for f, on in (("--table1", cfg.table1), ("--table2", cfg.table2), ("--figures", cfg.figures)) if on]
+    parts = ["fastddim eval", *flags, f"-n {cfg.n}", f"--seeds {','.join(map(str, cfg.seeds))}", f"--out {cfg.out}",
+             f"--spacing {cfg.spacing}"]
+    if cfg.batch_size:
+        parts.append(f"--batch-size {cfg.batch_size}")
+    return " ".join(parts) + "   (equivalent of a Python call to fastddim.paper.evaluate)"
+
+
+def _provenance(command: str, desc: str, loaded: dict | None) -> dict:
+    return {"command": command, "machine": _machine(), "model_desc": desc,
+            "started": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "table1_from": None if loaded is None else {k: loaded[k] for k in ("path", "command", "machine", "started")}}
+
+
+# ------------------------------------------------------------------------------ the runs
+def _run_single(model, cfg: _Settings, device, log) -> dict:
+    t0 = time.perf_counter()
+    fds, hists = [], []
+    for sd in cfg.seeds:
+        c = measure.fd_of_setting(model, cfg.n, cfg.steps, cfg.eta, spacing=cfg.spacing, seed=sd,
+                                  batch_size=cfg.batch_size, device=device)
+        fds.append(c["fd"])
+        hists.append(c["hist"])
+        log(f"seed {sd}: FD {c['fd']:.3f}  ({c['seconds']:.1f} s, {c['evals'] / c['seconds']:.0f} evals/s)")
+    m, s = tables.mean_std(fds)
+    single = {"n": cfg.n, "steps": cfg.steps, "eta": cfg.eta, "spacing": cfg.spacing, "seeds": cfg.seeds,
+              "fd": fds, "mean": m, "std": s, "hist": hists}
+    return {"report": None, "single": single, "seconds": time.perf_counter() - t0}
+
+
+def _plan(model, cfg: _Settings, loaded: dict | None) -> tuple[int, str]:
+    """(network evaluations planned, the 'Sample counts' sentence of the report)."""
+    seeds, n = len(cfg.seeds), cfg.n
+    t1 = 0 if loaded is not None or not cfg.table1 else sum(
+        seeds * n * measure.model_calls(model, s, e, cfg.spacing) for s in cfg.t1_steps for e in cfg.t1_etas)
+    K, nf = cfg.t2_refine, cfg.t2_n_for
+    t2 = (sum((4 + K if K else 2) * nf[str(s)] * s for s in cfg.t2_steps)
+          + len(cfg.t2_variants) * sum(2 * cfg.t2_variant_n * s for s in cfg.t2_variant_steps)) if cfg.table2 else 0
+    counts = []
+    if loaded is not None:
+        counts.append(f"Table 1: taken from {cfg.table1_from} ({loaded['table1']['evals']:,} network evaluations there)")
+    elif cfg.table1:
+        cells = len(cfg.t1_steps) * len(cfg.t1_etas)
+        counts.append(f"Table 1: {cells} cells x {seeds} seed(s) x {n} samples = {cells * seeds * n:,} samples "
+                      f"({t1:,} network evaluations), plus {seeds} x {n} real training digits")
+    if cfg.table2:
+        counts.append("Table 2: " + ", ".join(f"S={s}: {nf[str(s)]}" for s in cfg.t2_steps) + " held-out digits"
+                      + (f", each also through the refine={K} encoder" if K else "")
+                      + (f", and {cfg.t2_variant_n} for each diagnostic setting" if cfg.t2_variants else "")
+                      + f" ({t2:,} network evaluations)")
+    if cfg.figures:
+        counts.append("figures: 8 samples x 4 step counts, 5 interpolations x 9 points at S = 50")
+    return t1 + t2, "; ".join(counts) or "none"
+
+
+class _Run:
+    """The raw results of a report run, saved with the report after every measured cell."""
+
+    def __init__(self, out: Path, st: dict, planned: int, log: Callable[[str], None]):
+        self.out, self.st, self.planned, self.log = out, st, planned, log
+        self.t_start = time.perf_counter()
+        self.evals, self.sampling_s = 0, 0.0
+
+    def minutes(self) -> float:
+        return (time.perf_counter() - self.t_start) / 60
+
+    def progress(self, evals: int, seconds: float, msg: str) -> None:
+        self.evals += evals
+        self.sampling_s += seconds
+        self.log(f"{msg} [{self.evals:,}/{self.planned:,} evals, {self.minutes():.1f} min]")
+        self.save()
+
+    def save(self) -> Path:
+        self.st["elapsed"] = time.perf_counter() - self.t_start
+        self.st["throughput"] = self.evals / self.sampling_s if self.sampling_s else 0.0
+        return report.write(self.out, self.st)
+
+
+def _run_report(model, cfg: _Settings, loaded: dict | None, prov: dict, device, log) -> dict:
+    planned, counts = _plan(model, cfg, loaded)
+    st = {**prov, "done": False, "elapsed": 0.0, "throughput": 0.0, "counts": counts, "figures": {}}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    run, out, kw = _Run(cfg.out, st, planned, log), cfg.out, dict(batch_size=cfg.batch_size, device=device)
+    log(f"plan: {planned:,} network evaluations for the tables; report -> {out / report.REPORT}")
+    if loaded is not None:
+        st["table1"] = loaded["table1"]
+        log(f"table1: taken from {cfg.table1_from}")
+    elif cfg.table1:
+        st["table1"] = tables.new_table1(cfg.t1_steps, cfg.t1_etas, cfg.seeds, cfg.n, cfg.spacing)
+        measure.measure_table1(model, st["table1"], run.progress, **kw)
+    if st.get("table1") and cfg.figures:
+        st["figures"]["table1"] = figs.table1(st["table1"], out).name
+    run.save()
+    if cfg.table2:
+        st["table2"] = t2 = tables.new_table2(cfg.t2_steps, cfg.t2_n_for, cfg.t2_refine, cfg.t2_variants,
+                                              cfg.t2_variant_steps, cfg.t2_variant_n)
+        x_all = measure.heldout_subset(max(cfg.t2_n_for.values()))
+        recons = measure.measure_table2(model, t2, x_all, run.progress, **kw)
+        if cfg.figures:
+            st["figures"]["table2"] = figs.table2(t2, out).name
+            st["figures"]["reconstructions"] = figs.reconstructions(x_all, recons, out).name
+            run.save()
+    if cfg.figures:
+        _image_figures(model, cfg, st, run, kw)
+    st["done"] = True
+    path = run.save()
+    log(f"wrote {path} and {out / results.RESULTS} in {run.minutes():.1f} min")
+    res = {k: st[k] for k in ("table1", "table2") if st.get(k)}
+    return {**res, "figures": dict(st["figures"]), "report": str(path),
+            "seconds": time.perf_counter() - run.t_start}
+
+
+def _image_figures(model, cfg: _Settings, st: dict, run: _Run, kw: dict) -> None:
+    t0 = time.perf_counter()
+    x = measure.consistency_images(model, cfg.t1_steps, cfg.spacing, **kw)
+    st["figures"]["consistency"] = figs.consistency(x, cfg.t1_steps, cfg.spacing, cfg.out).name
+    run.save()
+    x = measure.interpolation_images(model, pairs=5, steps=50, spacing=cfg.spacing, device=kw["device"])
+    st["figures"]["interpolation"] = figs.interpolation(x, 5, 50, cfg.out).name
+    run.log(f"figures: {time.perf_counter() - t0:.0f} s")
