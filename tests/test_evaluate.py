@@ -266,3 +266,14 @@ def test_check_int_list():
             check_int_list("steps", bad, 1, 1000)
     with pytest.raises(ValueError, match="repeat"):
         check_int_list("seeds", [3, 3], 0, unique=True)
+
+
+def test_committed_report_is_rendered_from_its_raw_results():
+    """docs/paper_tables.md (above the hand-written notes) is exactly what docs/paper_tables.json renders
+    to, and its Table 1 can be reused with --table1-from."""
+    docs = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
+    st = results.load(os.path.join(docs, "paper_tables.json"))
+    with open(os.path.join(docs, "paper_tables.md")) as f:
+        assert f.read().startswith(report.render(st) + "\n## Notes written after the run")
+    t1 = results.load_table1(os.path.join(docs, "paper_tables.json"))
+    assert t1["table1"]["n"] == 512 and t1["model_desc"].startswith("`mnist` (686,769 parameters, T = 1000)")
