@@ -30,6 +30,7 @@ import torch
 from .checks import check_dtype, check_int, check_seed
 from .dispatch import Step, make_step, resolve_backend
 from .plan import PLAN_KWARGS, Plan, make_plan
+from .profiling import nvtx_range
 from .schedule import Schedule
 
 __all__ = ["prepare", "Run", "FiniteFlags", "model_output", "default_batch_size", "clear_cache", "COMPILE_MODES"]
@@ -324,7 +325,8 @@ class Run:
     ``backend``, ``shape`` (one sample), ``device``, ``dtype`` (the model input's; the state x_t
     is float32), ``batch_size``, ``seed``, ``n``/``first_index`` (the samples that per-sample
     ``model_kwargs`` rows describe), ``step`` (the fused step with its static device buffers),
-    ``compile_mode`` and ``compile_seconds`` (the first compiled call, reported apart).
+    ``compile_mode`` and ``compile_seconds`` (the first compiled call), ``capture_seconds`` (CUDA
+    graph warm-up and capture), both reported apart from the sampling time.
     """
 
     model: Callable
@@ -348,6 +350,7 @@ class Run:
     t_dev: torch.Tensor = field(init=False)
     flags: FiniteFlags = field(init=False)
     compile_seconds: float = 0.0
+    capture_seconds: float = 0.0
     _checked: bool = False
 
     def __post_init__(self):
@@ -372,7 +375,8 @@ class Run:
         """One model call on x (B, *shape) in the run's dtype; checks the first output's shape."""
         if self.compile_mode is not None and self.compile_seconds == 0.0:
             t0 = time.perf_counter()
-            out = model_output(self.model, x, t, kwargs)
+            with nvtx_range("fastddim.compile", self.device):
+                out = model_output(self.model, x, t, kwargs)
             self.compile_seconds = time.perf_counter() - t0
         else:
             out = model_output(self.model, x, t, kwargs)
@@ -394,8 +398,9 @@ class Run:
         b, low = x.shape[0], self.dtype != torch.float32
         x_in = x.to(self.dtype) if low else x
         for j, t in enumerate(self.plan.timesteps):
-            out = self.call_model(x_in, self.t_dev[j].expand(b), kwargs, j, t)
-            res = self.step(x, out, j, None)
+            with nvtx_range(f"fastddim.step {j} t={t}", self.device):
+                out = self.call_model(x_in, self.t_dev[j].expand(b), kwargs, j, t)
+                res = self.step(x, out, j, None)
             x, x0 = res[0], res[1]
             x_in = res[2] if low else x
             if callback is not None:
@@ -532,12 +537,13 @@ def prepare(
     dtype = check_dtype("dtype", dtype)
     if not isinstance(learned_variance, bool):
         raise TypeError(f"learned_variance must be a bool, got {type(learned_variance).__name__}")
+    shape = resolve_shape(model, shape, x_like)
+    dev = resolve_device(model, device, x_like)
     if plan is None:
         schedule = resolve_schedule(model, schedule)
         check_int("steps", steps, 1)
-        plan = make_plan(schedule, steps, eta=eta, spacing=spacing, **check_plan_kwargs(plan_kwargs))
-    shape = resolve_shape(model, shape, x_like)
-    dev = resolve_device(model, device, x_like)
+        with nvtx_range("fastddim.plan", dev):
+            plan = make_plan(schedule, steps, eta=eta, spacing=spacing, **check_plan_kwargs(plan_kwargs))
     batch_size = default_batch_size(dev, n) if batch_size is None else min(check_int("batch_size", batch_size, 1), n)
     shared, per_sample = split_model_kwargs(model_kwargs, n, dev)
     backend_name = resolve_backend(backend, dev)

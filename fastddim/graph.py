@@ -23,32 +23,20 @@ This module imports the run (engine) and the dispatch, never sampler.py.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
 from .dispatch import Step
+from .profiling import nvtx_range
 
-__all__ = ["captured", "clear_cache", "nvtx_range", "MAX_GRAPHS"]
+__all__ = ["captured", "clear_cache", "MAX_GRAPHS"]
 
 MAX_GRAPHS = 8
 _CACHE: "OrderedDict[tuple, _Graph | None]" = OrderedDict()
-
-
-@contextmanager
-def nvtx_range(name: str, device: torch.device):
-    """An NVTX range (visible in Nsight Systems / ncu --nvtx) on CUDA devices; nothing elsewhere."""
-    if device.type != "cuda":
-        yield
-        return
-    torch.cuda.nvtx.range_push(name)
-    try:
-        yield
-    finally:
-        torch.cuda.nvtx.range_pop()
 
 
 def clear_cache() -> None:
@@ -148,8 +136,11 @@ def captured(run) -> Callable | None:
         _CACHE.move_to_end(key)
         g = _CACHE[key]
     else:
+        t0 = time.perf_counter()
         try:
             g = _Graph(run)
+            run.capture_seconds = time.perf_counter() - t0
+            run.compile_seconds = g.run.compile_seconds
         except Exception as e:  # capture is an optimisation: never lose the user's run to it
             warnings.warn(f"fastddim: CUDA graph capture failed, running eagerly: {type(e).__name__}: {e}",
                           RuntimeWarning, stacklevel=3)

@@ -50,7 +50,7 @@ def _record(kind: str, run: Run, n: int, seconds: float, **extra) -> None:
     _LAST_RUN.update(
         kind=kind, backend=run.backend, device=str(run.device), timesteps=list(run.plan.timesteps), n=n,
         batch_size=run.batch_size, dtype=str(run.dtype).removeprefix("torch."), compile=run.compile_mode,
-        compile_seconds=run.compile_seconds, memory_format=str(run.memory_format).removeprefix("torch."),
+        compile_seconds=run.compile_seconds, capture_seconds=run.capture_seconds, memory_format=str(run.memory_format).removeprefix("torch."),
         seconds=seconds, **extra,
     )
     log.info("%s: backend=%s device=%s n=%d steps=%d %.3fs", kind, run.backend, run.device, n, run.plan.steps, seconds)
@@ -134,9 +134,8 @@ def sample(
             (model, mode, dtype, memory format) and cache it; a partial last batch is padded so every
             call has one shape. Modes that make their own CUDA graphs are refused on CUDA. The
             first call's time (compilation) is in ``info()["last_run"]["compile_seconds"]``.
-            Compiling the model alone, not the whole S-step loop: on the CPU the compiled loop
-            (model + custom op, fullgraph) measured no faster, and on CUDA the graph layer
-            removes the loop's launch cost.
+            Only the model is compiled, not the S-step loop: the fused step is already one
+            kernel, and on CUDA the graph layer removes the loop's launch cost.
         memory_format: ``"auto"`` (default: channels_last for a module with 2-D convolutions on
             image-shaped samples, through a cached copy, except on the bit-exact ``torch`` backend),
             ``torch.channels_last`` or ``torch.contiguous_format``.
