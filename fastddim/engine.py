@@ -42,11 +42,8 @@ log = logging.getLogger("fastddim")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 MEMORY_FORMATS = ("auto", torch.channels_last, torch.contiguous_format)
-# Samples per model call when batch_size is not given, on the CPU: memory stays flat in n and
-# throughput is within a few percent of larger batches for the built-in U-Net (measured, see
-# default_batch_size).
-CPU_BATCH = 64
-CUDA_BATCH_MAX = 1024
+# Default samples per model call, for samples of REFERENCE_NUMEL elements (see default_batch_size).
+CPU_BATCH, CUDA_BATCH, REFERENCE_NUMEL = 64, 1024, 3 * 32 * 32
 
 
 # ----------------------------------------------------------------------------- the model contract
@@ -253,16 +250,17 @@ def _memory_format(memory_format, model, shape: tuple, backend: str):
 
 
 # ------------------------------------------------------------------------------- batching
-def default_batch_size(device: torch.device, n: int) -> int:
-    """Samples per model call when not given: flat memory in n.
+def default_batch_size(device: torch.device, n: int, shape: tuple[int, ...]) -> int:
+    """Samples per model call when not given: memory flat in n, and in the image size.
 
-    CPU: 64 (the built-in U-Net runs within a few percent of its best rate from 32 up; larger
-    batches only cost memory). CUDA: as many as fit in half the free memory at the built-in
-    models' activation size, at most 1024 (an H100 is saturated well before that for 32x32).
+    A budget of elements per batch: 64 images of 3x32x32 on the CPU (the built-in U-Net's rate
+    is flat from batch 32 up there; larger batches only cost memory), 1024 of 3x32x32 on CUDA
+    (the batch at which the DDPM CIFAR-10 U-Net fills an H100, FACTS.md section 5). Larger
+    samples get proportionally fewer per batch (256x256x3: 1 on the CPU, 16 on CUDA).
     """
-    if device.type != "cuda":
-        return min(n, CPU_BATCH)
-    return min(n, CUDA_BATCH_MAX)
+    per_sample = math.prod(shape)
+    budget = (CUDA_BATCH if device.type == "cuda" else CPU_BATCH) * REFERENCE_NUMEL
+    return max(1, min(n, budget // per_sample))
 
 
 def split_model_kwargs(model_kwargs: dict | None, n: int, device: torch.device) -> tuple[dict, dict]:
@@ -544,7 +542,7 @@ def prepare(
         check_int("steps", steps, 1)
         with nvtx_range("fastddim.plan", dev):
             plan = make_plan(schedule, steps, eta=eta, spacing=spacing, **check_plan_kwargs(plan_kwargs))
-    batch_size = default_batch_size(dev, n) if batch_size is None else min(check_int("batch_size", batch_size, 1), n)
+    batch_size = default_batch_size(dev, n, shape) if batch_size is None else min(check_int("batch_size", batch_size, 1), n)
     shared, per_sample = split_model_kwargs(model_kwargs, n, dev)
     backend_name = resolve_backend(backend, dev)
     mode = _check_compile(compile, dev)

@@ -99,10 +99,16 @@ def test_learned_variance_takes_the_eps_half():
 # ------------------------------------------------------------------------------ default batching
 def test_default_batch_is_bounded_and_invisible():
     m = CondModel()
-    x = fastddim.sample(m, n=150, steps=2, progress=False)
-    assert max(m.batches) == engine.CPU_BATCH
-    assert torch.equal(x, fastddim.sample(m, n=150, steps=2, batch_size=150, progress=False))
-    assert fastddim.info()["last_run"]["batch_size"] == 150
+    x = fastddim.sample(m, n=1100, steps=2, progress=False)
+    assert max(m.batches) == engine.CPU_BATCH * 16  # 3x8x8 samples: 16 times 3x32x32's batch
+    assert torch.equal(x, fastddim.sample(m, n=1100, steps=2, batch_size=1100, progress=False))
+    assert fastddim.info()["last_run"]["batch_size"] == 1100
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engine.default_batch_size(cpu, 10, (3, 32, 32)) == 10
+    assert engine.default_batch_size(cpu, 10**6, (1, 32, 32)) == 192  # same bytes, fewer channels
+    assert engine.default_batch_size(cuda, 10**6, (3, 32, 32)) == 1024
+    assert engine.default_batch_size(cuda, 10**6, (3, 256, 256)) == 16
+    assert engine.default_batch_size(cpu, 10**6, (3, 512, 512)) == 1
 
 
 # -------------------------------------------------------------------------- static device buffers
