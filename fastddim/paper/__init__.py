@@ -25,10 +25,11 @@ Python: ``fastddim.paper.evaluate(model, table1=True, n=128, seeds=2, out="paper
 the numbers as a dict and writes the same report and JSON as the CLI.
 """
 from .measure import fd_of_setting, heldout_subset, reconstruction_errors
-from .run import DEFAULT_OUT, check_output_dir, evaluate
+from .run import DEFAULT_OUT, evaluate
+from .settings import check_output_dir
 from .tables import PAPER_TABLE1, PAPER_TABLE2, TABLE1_ETAS, TABLE1_STEPS, TABLE2_STEPS, single_summary
 
 __all__ = [
-    "evaluate", "single_summary", "fd_of_setting", "reconstruction_errors", "heldout_subset", "check_output_dir", "DEFAULT_OUT",
-    "TABLE1_STEPS", "TABLE1_ETAS", "TABLE2_STEPS", "PAPER_TABLE1", "PAPER_TABLE2",
+    "evaluate", "single_summary", "fd_of_setting", "reconstruction_errors", "heldout_subset", "check_output_dir",
+    "DEFAULT_OUT", "TABLE1_STEPS", "TABLE1_ETAS", "TABLE2_STEPS", "PAPER_TABLE1", "PAPER_TABLE2",
 ]

@@ -9,48 +9,19 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..checks import check_eta, check_int, check_int_list
 from . import figures as figs
 from . import measure, report, results, tables
+from .settings import Settings, check_output_dir, check_settings
 from .tables import TABLE1_ETAS, TABLE1_STEPS, TABLE2_STEPS
 
-__all__ = ["evaluate", "check_output_dir", "DEFAULT_OUT"]
+__all__ = ["evaluate", "DEFAULT_OUT"]
 
 DEFAULT_OUT = "paper_eval"  # a folder named for the job, in the current directory
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """The checked arguments of one ``evaluate`` call."""
-    table1: bool
-    table2: bool
-    figures: bool
-    n: int
-    seeds: list
-    steps: int | None
-    eta: float | str | None
-    spacing: str
-    out: Path
-    batch_size: int | None
-    t1_steps: list
-    t1_etas: list
-    t2_steps: list
-    t2_n_for: dict
-    t2_variants: list
-    t2_variant_steps: list
-    t2_variant_n: int
-    t2_refine: int
-    table1_from: str | os.PathLike | None
-
-    @property
-    def report(self) -> bool:
-        return self.table1 or self.table2 or self.figures
 
 
 def evaluate(
@@ -97,9 +68,12 @@ def evaluate(
     Raises:
         ValueError: a bad argument or output folder (checked before any model call).
     """
-    cfg = _settings(table1 or table1_from is not None, table2, figures, n, seeds, steps, eta, spacing, out,
-                    batch_size, table1_steps, table1_etas, table2_steps, table2_n, table2_n_long, table2_long_from,
-                    table2_variants, table2_variant_steps, table2_refine, table1_from)
+    cfg = check_settings(
+        table1=table1 or table1_from is not None, table2=table2, figures=figures, n=n, seeds=seeds, steps=steps,
+        eta=eta, spacing=spacing, out=out, batch_size=batch_size, table1_steps=table1_steps, table1_etas=table1_etas,
+        table2_steps=table2_steps, table2_n=table2_n, table2_n_long=table2_n_long, table2_long_from=table2_long_from,
+        table2_variants=table2_variants, table2_variant_steps=table2_variant_steps, table2_refine=table2_refine,
+        table1_from=table1_from)
     loaded = results.load_table1(table1_from) if table1_from is not None else None
     if cfg.report:
         check_output_dir(cfg.out)
@@ -117,101 +91,7 @@ def evaluate(
     return _run_report(model, cfg, loaded, _provenance(command, desc, loaded), device, log)
 
 
-# ------------------------------------------------------------------------------ checks
-def _ints(name: str, v, lo: int, hi: int | None = None) -> list[int]:
-    """A list of ints from a sequence or a comma string ("10,20,50")."""
-    if isinstance(v, str):
-        try:
-            v = [int(p) for p in v.replace(" ", "").split(",") if p]
-        except ValueError:
-            raise ValueError(f"{name}: expected a comma list of ints, got {v!r}") from None
-    return check_int_list(name, v, lo, hi)
-
-
-def _eta(v) -> float | str:
-    """An eta from a number, "sigma_hat" or a string holding a number."""
-    if isinstance(v, str) and v != "sigma_hat":
-        try:
-            v = float(v)
-        except ValueError:
-            raise ValueError(f"eta must be a number >= 0 or 'sigma_hat', got {v!r}") from None
-    return check_eta(v)
-
-
-def _seeds(v) -> list[int]:
-    """Seeds from a count k (seeds 0..k-1), a list, or a string "3" / "0,5,9"."""
-    if isinstance(v, str):
-        try:
-            nums = [int(p, 0) for p in v.replace(" ", "").split(",") if p]
-        except ValueError:
-            raise ValueError(f"seeds: expected a count (e.g. 3) or a comma list (e.g. 0,5,9), got {v!r}") from None
-        v = nums[0] if len(nums) == 1 and "," not in v else nums
-    if isinstance(v, int) and not isinstance(v, bool):
-        return list(range(check_int("seeds (a count)", v, 1)))
-    return check_int_list("seeds", v, 0, 2**64 - 1, unique=True)
-
-
-def _variants(v) -> list[str]:
-    from ..plan import SPACINGS
-
-    items = [p for p in v.replace(" ", "").split(",") if p] if isinstance(v, str) else [str(i) for i in v]
-    for it in items:
-        sp, _, conv = it.partition(":")
-        if sp not in SPACINGS or conv not in ("source", "target"):
-            raise ValueError(f"table2_variants: expected spacing:convention with spacing in {SPACINGS} and "
-                             f"convention source or target, got {it!r}")
-    return items
-
-
-def _settings(table1, table2, figures, n, seeds, steps, eta, spacing, out, batch_size, table1_steps, table1_etas,
-              table2_steps, table2_n, table2_n_long, table2_long_from, table2_variants, table2_variant_steps,
-              table2_refine, table1_from) -> _Settings:
-    """Every argument checked, before anything is loaded or sampled."""
-    from ..plan import SPACINGS
-
-    report_ = table1 or table2 or figures
-    if report_ and (steps is not None or eta is not None):
-        raise ValueError("--steps/--eta choose the single setting; they do not apply with --table1/--table2/--figures "
-                         "(use --table1-steps/--table1-etas)")
-    spacing = "quad" if spacing is None else spacing
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    etas = [_eta(e) for e in (table1_etas.split(",") if isinstance(table1_etas, str) else table1_etas)]
-    if not etas:
-        raise ValueError("table1_etas: expected at least one eta")
-    t2_steps = _ints("table2_steps", table2_steps, 1, 1000)
-    table2_n, n_long = check_int("table2_n", table2_n, 1, 1000), check_int("table2_n_long", table2_n_long, 1, 1000)
-    long_from = check_int("table2_long_from", table2_long_from, 1)
-    variants = _variants(table2_variants)
-    return _Settings(
-        table1=table1, table2=table2, figures=figures, n=check_int("n", n, 2), seeds=_seeds(seeds),
-        steps=None if report_ else check_int("steps", 50 if steps is None else steps, 1),
-        eta=None if report_ else _eta(0.0 if eta is None else eta), spacing=spacing, out=Path(out),
-        batch_size=None if batch_size is None else check_int("batch_size", batch_size, 1),
-        t1_steps=_ints("table1_steps", table1_steps, 1, 1000), t1_etas=etas, t2_steps=t2_steps,
-        t2_n_for={str(s): (table2_n if s < long_from else n_long) for s in t2_steps},
-        t2_variants=variants, t2_variant_n=table2_n,
-        t2_variant_steps=_ints("table2_variant_steps", table2_variant_steps, 1, 1000) if variants else [],
-        t2_refine=check_int("table2_refine", table2_refine, 0, 100), table1_from=table1_from)
-
-
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """``path`` can be a folder of outputs: each part of it that exists is a folder, and the deepest
-    one that exists is writable (missing folders are made, with their parents, when writing starts).
-    Raises ``ValueError`` naming the offending path."""
-    p = Path(path)
-    for q in (p, *p.absolute().parents):
-        if not q.exists():
-            continue
-        if not q.is_dir():
-            raise ValueError(f"out {str(p)!r}: {q} is a file, not a folder")
-        if not os.access(q, os.W_OK | os.X_OK):
-            raise ValueError(f"out {str(p)!r}: cannot write in {q}")
-        break
-    return p
-
-
-def _check_model(model, desc: str, cfg: _Settings, loaded: dict | None) -> None:
+def _check_model(model, desc: str, cfg: Settings, loaded: dict | None) -> None:
     measure.check_model(model)
     if loaded is not None and loaded["model_desc"] != desc:
         raise ValueError(f"table1_from: {cfg.table1_from} was made with the model {loaded['model_desc']!r}, "
@@ -271,7 +151,7 @@ def _machine() -> str:
             f"thread(s), Python {platform.python_version()}, {platform.system()}")
 
 
-def _python_command(cfg: _Settings) -> str:
+def _python_command(cfg: Settings) -> str:
     flags = [f for f, on in (("--table1", cfg.table1), ("--table2", cfg.table2), ("--figures", cfg.figures)) if on]
     parts = ["fastddim eval", *flags, f"-n {cfg.n}", f"--seeds {','.join(map(str, cfg.seeds))}", f"--out {cfg.out}",
              f"--spacing {cfg.spacing}"]
@@ -287,7 +167,7 @@ def _provenance(command: str, desc: str, loaded: dict | None) -> dict:
 
 
 # ------------------------------------------------------------------------------ the runs
-def _run_single(model, cfg: _Settings, device, log) -> dict:
+def _run_single(model, cfg: Settings, device, log) -> dict:
     t0 = time.perf_counter()
     fds, hists = [], []
     for sd in cfg.seeds:
@@ -302,7 +182,7 @@ def _run_single(model, cfg: _Settings, device, log) -> dict:
     return {"report": None, "single": single, "seconds": time.perf_counter() - t0}
 
 
-def _plan(model, cfg: _Settings, loaded: dict | None) -> tuple[int, str]:
+def _plan(model, cfg: Settings, loaded: dict | None) -> tuple[int, str]:
     """(network evaluations planned, the 'Sample counts' sentence of the report)."""
     seeds, n = len(cfg.seeds), cfg.n
     t1 = 0 if loaded is not None or not cfg.table1 else sum(
@@ -350,7 +230,7 @@ class _Run:
         return report.write(self.out, self.st)
 
 
-def _run_report(model, cfg: _Settings, loaded: dict | None, prov: dict, device, log) -> dict:
+def _run_report(model, cfg: Settings, loaded: dict | None, prov: dict, device, log) -> dict:
     planned, counts = _plan(model, cfg, loaded)
     st = {**prov, "done": False, "elapsed": 0.0, "throughput": 0.0, "counts": counts, "figures": {}}
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +264,7 @@ def _run_report(model, cfg: _Settings, loaded: dict | None, prov: dict, device, 
             "seconds": time.perf_counter() - run.t_start}
 
 
-def _image_figures(model, cfg: _Settings, st: dict, run: _Run, kw: dict) -> None:
+def _image_figures(model, cfg: Settings, st: dict, run: _Run, kw: dict) -> None:
     t0 = time.perf_counter()
     x = measure.consistency_images(model, cfg.t1_steps, cfg.spacing, **kw)
     st["figures"]["consistency"] = figs.consistency(x, cfg.t1_steps, cfg.spacing, cfg.out).name
