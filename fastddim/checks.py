@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_float", "check_seed", "check_eta", "check_dtype", "check_int_list"]
+__all__ = ["check_int", "check_float", "check_seed", "check_eta", "check_dtype", "check_device", "check_int_list"]
 
 
 def check_int(name: str, v, lo: int, hi: int | None = None) -> int:
@@ -85,3 +85,24 @@ def check_int_list(name: str, v, lo: int, hi: int | None = None, *, unique: bool
     if unique and len(set(out)) != len(out):
         raise ValueError(f"{name} must not repeat a value, got {out}")
     return out
+
+
+def check_device(name: str, device):
+    """A device to run on: None means CUDA when available, else the CPU; otherwise "cpu", "cuda",
+    "cuda:N" or a torch.device of those types, with CUDA available for a CUDA one. Returns a
+    torch.device (a CUDA device keeps its index, or none when none was given)."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be a device name or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{name}: not a device: {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: {dev.type!r} is not supported (use cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {device}: CUDA is not available on this machine")
+    return dev
