@@ -96,18 +96,20 @@ void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& tab
   TORCH_CHECK(false, "ddim_step: no kernel for device ", x.device(), " in this build (cuda built: ", FASTDDIM_CUDA_BUILT, ")");
 }
 
-void normal_(const at::Tensor& res, uint64_t seed, int64_t first_index, int64_t step) {
+void normal_(const at::Tensor& res, const at::Tensor& rng, int64_t step) {
   TORCH_CHECK(res.dim() >= 1 && res.scalar_type() == at::kFloat && res.is_contiguous(),
               "normal_: res must be a contiguous float32 (n, *shape) tensor");
+  TORCH_CHECK(rng.device() == res.device() && rng.scalar_type() == at::kLong && rng.numel() == 2 && rng.is_contiguous(),
+              "normal_: rng must be a contiguous int64 (2,) tensor (seed bits, first_index) on res's device");
   const int64_t n = res.size(0), numel = n ? res.numel() / n : 0;
-  if (res.is_cpu()) return normal_cpu(res.data_ptr<float>(), n, numel, seed, first_index, step);
+  if (res.is_cpu()) return normal_cpu(res.data_ptr<float>(), n, numel, rng.data_ptr<int64_t>(), step);
 #ifdef FASTDDIM_WITH_CUDA
   if (res.is_cuda()) {
     const c10::cuda::CUDAGuard guard(res.device());
-    return normal_cuda(res.data_ptr<float>(), n, numel, seed, first_index, step);
+    return normal_cuda(res.data_ptr<float>(), n, numel, rng.data_ptr<int64_t>(), step);
   }
 #endif
-  TORCH_CHECK(false, "normal_: no kernel for device ", res.device());
+  TORCH_CHECK(false, "normal_: no kernel for device ", res.device(), " in this build (cuda built: ", FASTDDIM_CUDA_BUILT, ")");
 }
 
 at::Tensor philox4x32(const at::Tensor& ctr, uint64_t seed) {
@@ -148,8 +150,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pred") = 0, py::arg("clip") = 0, py::arg("clip_range") = 1.0, py::arg("clipped_eps") = false,
         py::arg("sigma_hat") = false, py::arg("noise") = false);
   m.def("normal_", &fastddim::normal_,
-        "Fill res (n, *shape) float32 with fastddim.noise.normal(seed, first_index, n, step, shape).",
-        py::arg("res"), py::arg("seed"), py::arg("first_index"), py::arg("step"));
+        "Fill res (n, *shape) contiguous float32, in place, with fastddim.noise.normal(seed, first_index,\n"
+        "n, step, shape), on res's device. rng: int64 (2,) = (seed bits, first_index) on res's device,\n"
+        "read by the kernel (on a GPU: on the device, on the current stream), so a captured CUDA graph\n"
+        "replays with new ones.",
+        py::arg("res"), py::arg("rng"), py::arg("step"));
+  m.def("cpu_simd", [](c10::optional<bool> simd) { return std::string(fastddim::cpu_simd(simd ? int(*simd) : -1)); },
+        "The CPU kernels' noise path, 'avx2' (AVX2+FMA, 8 Philox groups at a time) or 'scalar' (portable),\n"
+        "after switching it when simd is True/False (True raises without AVX2+FMA). Both make\n"
+        "fastddim.noise's numbers: Philox bit for bit, normals within a few ulp. The default is\n"
+        "'avx2' where the processor has it, unless FASTDDIM_CPU_SIMD=0 was set when fastddim._C loaded.",
+        py::arg("simd") = py::none());
   m.def("philox4x32", &fastddim::philox4x32,
         "Raw Philox-4x32-10 of each row of ctr (M, 4) int64 (uint32 values) with key (seed low, high) -> (M, 4) int64.",
         py::arg("ctr"), py::arg("seed"));

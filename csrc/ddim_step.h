@@ -81,11 +81,14 @@ FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, const Mode& m, flo
 }
 
 void ddim_step_cpu(const StepArgs& a);
-void normal_cpu(float* res, int64_t n, int64_t numel, uint64_t seed, int64_t first_index, int64_t step);
+void normal_cpu(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step);
 void philox_cpu(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed);
+// The CPU noise path: "avx2" or "scalar". enable = 1 / 0 switches it (1 fails without AVX2+FMA);
+// -1 only asks. The default is AVX2+FMA where the processor has them, unless FASTDDIM_CPU_SIMD=0.
+const char* cpu_simd(int enable);
 #ifdef FASTDDIM_WITH_CUDA
 void ddim_step_cuda(const StepArgs& a);
-void normal_cuda(float* res, int64_t n, int64_t numel, uint64_t seed, int64_t first_index, int64_t step);
+void normal_cuda(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step);  // rng on the device
 void philox_cuda(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed);
 #endif
 

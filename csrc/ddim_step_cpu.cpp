@@ -1,22 +1,254 @@
 // Fused DDIM step on the CPU: one pass over x_t and the model output, noise made in the loop.
 // Reads 4 B (x_t) + 4 or 2 B (model output) and writes 4 B (x_{t-1}) per element, plus 4 B (x0)
 // and 2 B (low-precision copy) when asked. Parallel over Philox groups with at::parallel_for;
-// each task works in chunks of kChunk groups: first the chunk's normals into a small buffer
-// (Philox + Box-Muller, one group of 4 per call: libm calls, scalar), then a branch-free element
-// loop that the compiler vectorises (noise and x0 are template flags, clipping is per-sample data).
+// each task works in chunks of kChunk groups of one sample: first the chunk's normals into a
+// small buffer (Philox-4x32-10 + Box-Muller), then a branch-free element loop that the compiler
+// vectorises (noise and x0 are template flags, clipping is per-sample data). normal_cpu is the
+// same noise written straight out (4 B per element).
+//
+// The noise has two paths, picked at run time (cpu_simd): AVX2+FMA, 8 Philox groups at a time
+// (32x32->64 products with _mm256_mul_epu32, our own vectorised log and sincos), and the
+// portable scalar one (philox.h's gaussian4 with libm), used where AVX2/FMA are missing, on
+// non-x86 and with FASTDDIM_CPU_SIMD=0. Both give the spec's Philox integers bit for bit and
+// normals within a few ulp of fastddim/noise.py's. A path computes every group the same way
+// wherever a chunk starts, so the noise of an element does not depend on batch size or threads.
+// The build is -ffp-contract=off: FMA appears only where written (the SIMD log/sincos).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "ddim_step.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTDDIM_X86_SIMD 1
+#include <immintrin.h>
+#endif
 
 namespace fastddim {
 namespace {
 
 constexpr int64_t kChunk = 256;   // groups: 1024 elements, 4 KB of noise, stays in L1
 constexpr int64_t kGrain = 2048;  // groups per parallel task at least (8192 elements)
+
+// Normals of Philox groups g0 .. g0 + count - 1 of one sample at one noise step, in element
+// order: z[4 i + k] is lane k of group g0 + i. z holds 4 * count floats (count <= kChunk).
+using NoiseFn = void (*)(uint64_t seed, uint32_t sample, uint32_t step, int64_t g0, int64_t count, float* z);
+
+void noise_scalar(uint64_t seed, uint32_t sample, uint32_t step, int64_t g0, int64_t count, float* z) {
+  for (int64_t i = 0; i < count; ++i) gaussian4(seed, static_cast<uint32_t>(g0 + i), sample, step, z + 4 * i);
+}
+
+#ifdef FASTDDIM_X86_SIMD
+#define FASTDDIM_AVX2 __attribute__((target("avx2,fma")))
+
+// log(x) for positive normal x (the uniforms, in [2^-24, 1)): Cephes logf's reduction and
+// minimax polynomial, x = 2^e m with m in [sqrt(1/2), sqrt(2)), f = m - 1 (exact),
+// log x = e ln2 + f - f^2/2 + f^3 P(f). The leading terms e ln2_hi + f - f^2/2 are summed as a
+// double-float with FMA (ln2_hi has 9 bits, so e ln2_hi is exact), so that one rounding, at the
+// end, dominates the error (within 1 ulp; ~0.1 ulp more than correctly rounded).
+FASTDDIM_AVX2 inline __m256 log_avx2(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  const __m256 m = _mm256_castsi256_ps(  // mantissa in [0.5, 1)
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F000000)));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.70710677f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
+  // f = 2m - 1 below sqrt(1/2), else m - 1; both exact.
+  const __m256 f = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(small, m));
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  const __m256 y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), _mm256_mul_ps(_mm256_mul_ps(p, f), z));
+  const __m256 nhf = _mm256_mul_ps(f, _mm256_set1_ps(-0.5f));
+  const __m256 h = _mm256_fmadd_ps(nhf, f, f);                       // f - f^2/2, rounded once
+  const __m256 eh = _mm256_fmadd_ps(nhf, f, _mm256_sub_ps(f, h));   // and what that rounding lost
+  const __m256 t = _mm256_mul_ps(e, _mm256_set1_ps(0.693359375f));
+  const __m256 hi = _mm256_add_ps(t, h);
+  const __m256 lo = _mm256_add_ps(_mm256_sub_ps(t, hi), h);  // exact: |t| >= |h| unless t = 0
+  return _mm256_add_ps(hi, _mm256_add_ps(lo, _mm256_add_ps(eh, y)));
+}
+
+// sin and cos of x in [0, 2 pi] (theta): x = q pi/2 + r with q = round(2x / pi), |r| <= pi/4,
+// then Cephes sinf/cosf's minimax polynomials on r and the quadrant's swap and signs. r is
+// carried as rh + rl (pi/2 in three parts; x - q p1 is exact) and the leading terms r and
+// 1 - r^2/2 are formed exactly with FMA, so that one rounding, at the end, dominates the error
+// (within 1 ulp; ~0.1 ulp more than correctly rounded).
+FASTDDIM_AVX2 inline void sincos_avx2(__m256 x, __m256& s, __m256& c) {
+  const __m256 qf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.63661975f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i q = _mm256_cvtps_epi32(qf);
+  const __m256 p2 = _mm256_set1_ps(4.371138828673793e-08f);  // -(second part of pi/2)
+  const __m256 r1 = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.5707963705062866f), x);
+  const __m256 rh = _mm256_fmadd_ps(qf, p2, r1);
+  const __m256 rl = _mm256_fmadd_ps(qf, _mm256_set1_ps(1.7151245100058819e-15f), _mm256_fmadd_ps(qf, p2, _mm256_sub_ps(r1, rh)));
+  const __m256 r2 = _mm256_mul_ps(rh, rh);
+  __m256 ps = _mm256_fmadd_ps(_mm256_set1_ps(-1.9515295891e-4f), r2, _mm256_set1_ps(8.3321608736e-3f));
+  ps = _mm256_fmadd_ps(ps, r2, _mm256_set1_ps(-1.6666654611e-1f));
+  const __m256 sr = _mm256_add_ps(rh, _mm256_fmadd_ps(_mm256_mul_ps(ps, r2), rh, rl));
+  __m256 pc = _mm256_fmadd_ps(_mm256_set1_ps(2.443315711809948e-5f), r2, _mm256_set1_ps(-1.388731625493765e-3f));
+  pc = _mm256_fmadd_ps(pc, r2, _mm256_set1_ps(4.166664568298827e-2f));
+  const __m256 one = _mm256_set1_ps(1.0f), nh = _mm256_mul_ps(rh, _mm256_set1_ps(-0.5f));
+  const __m256 h = _mm256_fmadd_ps(nh, rh, one);                          // 1 - rh^2/2, rounded once
+  const __m256 eh = _mm256_fmadd_ps(nh, rh, _mm256_sub_ps(one, h));      // and what that rounding lost
+  const __m256 tc = _mm256_fnmadd_ps(rl, rh, _mm256_fmadd_ps(_mm256_mul_ps(r2, r2), pc, eh));
+  const __m256 cr = _mm256_add_ps(h, tc);
+  // Odd quadrants swap sin and cos; sin is negated in quadrants 2, 3 and cos in 1, 2.
+  const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
+  const __m256 sign_s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 30));
+  const __m256 sign_c = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(2)), 30));
+  s = _mm256_xor_ps(_mm256_blendv_ps(sr, cr, swap), sign_s);
+  c = _mm256_xor_ps(_mm256_blendv_ps(cr, sr, swap), sign_c);
+}
+
+// Philox-4x32-10 on 4 counters held in the low 32 bits of 64-bit lanes; keys: the 10 rounds'
+// (k0, k1), broadcast. _mm256_mul_epu32 reads only the low halves and returns the full 64-bit
+// products, so hi is a shift and lo the product itself: the garbage that c1 and c3 carry above
+// bit 31 is xored into c0 and c2 there and never reaches a multiplication.
+FASTDDIM_AVX2 inline void philox4_avx2(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, const __m256i keys[20]) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  for (int r = 0; r < 10; ++r) {
+    const __m256i p0 = _mm256_mul_epu32(c0, m0), p1 = _mm256_mul_epu32(c2, m1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), keys[2 * r]);
+    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), keys[2 * r + 1]);
+    c1 = p1;
+    c3 = p0;
+  }
+}
+
+FASTDDIM_AVX2 inline void philox_keys_avx2(uint64_t seed, __m256i keys[20]) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r, k0 += kPhiloxW0, k1 += kPhiloxW1) {  // bumped as in philox4x32_10
+    keys[2 * r] = _mm256_set1_epi32(static_cast<int>(k0));
+    keys[2 * r + 1] = _mm256_set1_epi32(static_cast<int>(k1));
+  }
+}
+
+// The low halves of lo's and hi's 64-bit lanes, interleaved: (lo0, hi0, lo1, hi1, ...).
+FASTDDIM_AVX2 inline __m256i interleave_low_avx2(__m256i lo, __m256i hi) {
+  return _mm256_blend_epi32(lo, _mm256_slli_epi64(hi, 32), 0xAA);
+}
+
+// Box-Muller on 8 pairs of words, as philox.h's box_muller (same float ops, own log/sincos).
+FASTDDIM_AVX2 inline void box_muller_avx2(__m256i a, __m256i b, __m256& z0, __m256& z1) {
+  // (float(x >> 9) + 0.5) * 2^-23 as one exact FMA: both roundings of the spec are exact.
+  const __m256 scale = _mm256_set1_ps(1.1920928955078125e-07f), half_ulp = _mm256_set1_ps(5.9604644775390625e-08f);
+  const __m256 ua = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 9)), scale, half_ulp);
+  const __m256 ub = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 9)), scale, half_ulp);
+  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_avx2(ua)));
+  __m256 s, c;
+  sincos_avx2(_mm256_mul_ps(ub, _mm256_set1_ps(kTwoPi)), s, c);
+  z0 = _mm256_mul_ps(r, c);
+  z1 = _mm256_mul_ps(r, s);
+}
+
+// The 32 normals of groups g .. g + 7 in element order.
+FASTDDIM_AVX2 inline void gaussian32_avx2(const __m256i keys[20], uint32_t sample, uint32_t step, uint32_t g, __m256 out[4]) {
+  // Block a holds groups g, g+2, g+4, g+6 and block b the odd ones, so that interleaving their
+  // low halves gives the words of groups g .. g+7 in order.
+  __m256i a0 = _mm256_setr_epi64x(g, g + 2u, g + 4u, g + 6u), b0 = _mm256_setr_epi64x(g + 1u, g + 3u, g + 5u, g + 7u);
+  __m256i a1 = _mm256_set1_epi32(static_cast<int>(sample)), b1 = a1;
+  __m256i a2 = _mm256_set1_epi32(static_cast<int>(step)), b2 = a2;
+  __m256i a3 = _mm256_setzero_si256(), b3 = a3;
+  philox4_avx2(a0, a1, a2, a3, keys);
+  philox4_avx2(b0, b1, b2, b3, keys);
+  __m256 z0, z1, z2, z3;
+  box_muller_avx2(interleave_low_avx2(a0, b0), interleave_low_avx2(a1, b1), z0, z1);
+  box_muller_avx2(interleave_low_avx2(a2, b2), interleave_low_avx2(a3, b3), z2, z3);
+  // 4x8 -> 8x4 transpose: group i's lanes (z0[i], z1[i], z2[i], z3[i]) become consecutive.
+  const __m256 t0 = _mm256_unpacklo_ps(z0, z1), t1 = _mm256_unpackhi_ps(z0, z1);
+  const __m256 t2 = _mm256_unpacklo_ps(z2, z3), t3 = _mm256_unpackhi_ps(z2, z3);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  out[0] = _mm256_permute2f128_ps(s0, s1, 0x20);
+  out[1] = _mm256_permute2f128_ps(s2, s3, 0x20);
+  out[2] = _mm256_permute2f128_ps(s0, s1, 0x31);
+  out[3] = _mm256_permute2f128_ps(s2, s3, 0x31);
+}
+
+FASTDDIM_AVX2 void noise_avx2(uint64_t seed, uint32_t sample, uint32_t step, int64_t g0, int64_t count, float* z) {
+  __m256i keys[20];
+  philox_keys_avx2(seed, keys);
+  __m256 out[4];
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    gaussian32_avx2(keys, sample, step, static_cast<uint32_t>(g0 + i), out);
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(z + 4 * i + 8 * k, out[k]);
+  }
+  if (i < count) {  // the tail through the same code, so no group depends on where a chunk starts
+    alignas(32) float tail[32];
+    gaussian32_avx2(keys, sample, step, static_cast<uint32_t>(g0 + i), out);
+    for (int k = 0; k < 4; ++k) _mm256_store_ps(tail + 8 * k, out[k]);
+    std::memcpy(z + 4 * i, tail, sizeof(float) * 4 * (count - i));
+  }
+}
+
+// Raw Philox of arbitrary counters (the philox4x32 binding), 4 rows at a time through the same
+// rounds as the noise, so that the tests see this path's integers.
+FASTDDIM_AVX2 void philox_avx2(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed) {
+  __m256i keys[20];
+  philox_keys_avx2(seed, keys);
+  const __m256i mask = _mm256_set1_epi64x(0xFFFFFFFF);
+  for (int64_t i = 0; i < m; i += 4) {
+    const int64_t rows = std::min<int64_t>(4, m - i);
+    int64_t c[16] = {0};
+    std::memcpy(c, ctr + 4 * i, sizeof(int64_t) * 4 * rows);
+    __m256i w[4];
+    for (int k = 0; k < 4; ++k) w[k] = _mm256_setr_epi64x(c[k], c[4 + k], c[8 + k], c[12 + k]);
+    philox4_avx2(w[0], w[1], w[2], w[3], keys);
+    alignas(32) int64_t o[4][4];
+    for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(o[k]), _mm256_and_si256(w[k], mask));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int k = 0; k < 4; ++k) res[4 * (i + r) + k] = o[k][r];
+  }
+}
+
+bool simd_supported() {
+  __builtin_cpu_init();  // needed when called from a static initializer
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+bool simd_supported() { return false; }
+#endif
+
+// Read once, when the extension loads: FASTDDIM_CPU_SIMD=0 forces the scalar path.
+std::atomic<bool> g_simd{[] {
+  const char* env = std::getenv("FASTDDIM_CPU_SIMD");
+  return simd_supported() && !(env && std::strcmp(env, "0") == 0);
+}()};
+
+NoiseFn noise_fn() {
+#ifdef FASTDDIM_X86_SIMD
+  if (g_simd.load(std::memory_order_relaxed)) return noise_avx2;
+#endif
+  return noise_scalar;
+}
+
+// Runs fn(b, g0, g1) over every chunk of at most kChunk Philox groups of one sample, in parallel.
+template <typename Fn>
+void for_each_chunk(int64_t batch, int64_t groups, const Fn& fn) {
+  at::parallel_for(0, batch * groups, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end;) {
+      const int64_t b = p / groups, g0 = p - b * groups;
+      const int64_t g1 = std::min({groups, g0 + (end - p), g0 + kChunk});
+      fn(b, g0, g1);
+      p += g1 - g0;
+    }
+  });
+}
 
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
@@ -36,32 +268,25 @@ void step_loop(const StepArgs& a) {
   const int64_t first = a.rng[1];
   const uint32_t step = static_cast<uint32_t>(a.j + 1);
   const OutT* out = static_cast<const OutT*>(a.out);
+  const NoiseFn noise = noise_fn();
 
-  at::parallel_for(0, a.batch * groups, kGrain, [&](int64_t begin, int64_t end) {
+  for_each_chunk(a.batch, groups, [&](int64_t b, int64_t g0, int64_t g1) {
     alignas(64) float z[kChunk * 4];
-    for (int64_t p = begin; p < end;) {
-      const int64_t b = p / groups, g0 = p - b * groups;
-      const int64_t g1 = std::min({groups, g0 + (end - p), g0 + kChunk});
-      if (NOISE) {
-        const uint32_t sample = static_cast<uint32_t>(first + b);
-        for (int64_t g = g0; g < g1; ++g) gaussian4(seed, static_cast<uint32_t>(g), sample, step, z + 4 * (g - g0));
-      }
-      const int64_t e0 = 4 * g0, len = std::min(n, 4 * g1) - e0, base = b * n + e0;
-      const Mode m = sample_mode(a, b);
-      const float* __restrict__ x = a.x + base;
-      const OutT* __restrict__ o = out + base;
-      float* __restrict__ prev = a.prev + base;
-      float* __restrict__ x0 = WRITE_X0 ? a.x0 + base : nullptr;
-      for (int64_t i = 0; i < len; ++i) {
-        float x0v;
-        const float v = step_mean<PRED>(x[i], to_float(o[i]), c, m, x0v);
-        prev[i] = NOISE ? v + c.sigma * z[i] : v;
-        if (WRITE_X0) x0[i] = x0v;
-      }
-      if (a.low_dtype == kBF16) store_low<c10::BFloat16>(a.low, base, prev, len);
-      if (a.low_dtype == kF16) store_low<c10::Half>(a.low, base, prev, len);
-      p += g1 - g0;
+    const int64_t e0 = 4 * g0, len = std::min(n, 4 * g1) - e0, base = b * n + e0;
+    const float* __restrict__ x = a.x + base;
+    const OutT* __restrict__ o = out + base;
+    float* __restrict__ prev = a.prev + base;
+    if (NOISE) noise(seed, static_cast<uint32_t>(first + b), step, g0, g1 - g0, z);
+    const Mode m = sample_mode(a, b);
+    float* __restrict__ x0 = WRITE_X0 ? a.x0 + base : nullptr;
+    for (int64_t i = 0; i < len; ++i) {
+      float x0v;
+      const float v = step_mean<PRED>(x[i], to_float(o[i]), c, m, x0v);
+      prev[i] = NOISE ? v + c.sigma * z[i] : v;
+      if (WRITE_X0) x0[i] = x0v;
     }
+    if (a.low_dtype == kBF16) store_low<c10::BFloat16>(a.low, base, prev, len);
+    if (a.low_dtype == kF16) store_low<c10::Half>(a.low, base, prev, len);
   });
 }
 
@@ -93,19 +318,32 @@ void ddim_step_cpu(const StepArgs& a) {
   }
 }
 
-void normal_cpu(float* res, int64_t n, int64_t numel, uint64_t seed, int64_t first_index, int64_t step) {
-  const int64_t groups = (numel + 3) / 4;
-  at::parallel_for(0, n * groups, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t b = p / groups, g = p - b * groups;
-      float z[4];
-      gaussian4(seed, static_cast<uint32_t>(g), static_cast<uint32_t>(first_index + b), static_cast<uint32_t>(step), z);
-      for (int64_t k = 0; k < 4 && 4 * g + k < numel; ++k) res[b * numel + 4 * g + k] = z[k];
-    }
+void normal_cpu(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step) {
+  const uint64_t seed = static_cast<uint64_t>(rng[0]);
+  const int64_t first = rng[1];
+  const NoiseFn noise = noise_fn();
+  for_each_chunk(n, (numel + 3) / 4, [&](int64_t b, int64_t g0, int64_t g1) {
+    // Through a buffer: a sample's last group may be partial, and its 4 lanes must not spill
+    // into the next sample.
+    alignas(64) float z[kChunk * 4];
+    noise(seed, static_cast<uint32_t>(first + b), static_cast<uint32_t>(step), g0, g1 - g0, z);
+    const int64_t e0 = 4 * g0;
+    std::memcpy(res + b * numel + e0, z, sizeof(float) * (std::min(numel, 4 * g1) - e0));
   });
 }
 
+const char* cpu_simd(int enable) {
+  if (enable >= 0) {
+    TORCH_CHECK(!enable || simd_supported(), "cpu_simd: this processor or build has no AVX2+FMA noise path");
+    g_simd.store(enable != 0);
+  }
+  return g_simd.load() ? "avx2" : "scalar";
+}
+
 void philox_cpu(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed) {
+#ifdef FASTDDIM_X86_SIMD
+  if (g_simd.load()) return philox_avx2(ctr, res, m, seed);
+#endif
   for (int64_t i = 0; i < m; ++i) {
     uint32_t c[4];
     for (int k = 0; k < 4; ++k) c[k] = static_cast<uint32_t>(ctr[4 * i + k]);

@@ -86,8 +86,11 @@ __global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
   }
 }
 
-__global__ void _normal_kernel(float* res, int64_t n, int64_t numel, uint64_t seed, int64_t first, uint32_t step) {
+// x_T (or any step's noise) on its own. rng is read here, on the device, as in the step kernel.
+__global__ void _normal_kernel(float* res, int64_t n, int64_t numel, const int64_t* rng, uint32_t step) {
   const int64_t groups = (numel + 3) / 4;
+  const uint64_t seed = static_cast<uint64_t>(__ldg(rng));
+  const int64_t first = __ldg(rng + 1);
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < n * groups;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = p / groups, g = p - b * groups;
@@ -150,11 +153,11 @@ void ddim_step_cuda(const StepArgs& a) {
   }
 }
 
-void normal_cuda(float* res, int64_t n, int64_t numel, uint64_t seed, int64_t first_index, int64_t step) {
+void normal_cuda(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step) {
   const int64_t work = n * ((numel + 3) / 4);
   if (work == 0) return;
   _normal_kernel<<<blocks_for(work), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      res, n, numel, seed, first_index, static_cast<uint32_t>(step));
+      res, n, numel, rng, static_cast<uint32_t>(step));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

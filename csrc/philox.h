@@ -1,6 +1,8 @@
 // Counter-based Gaussian noise, bit for bit fastddim/noise.py's spec (read it there).
 // Shared by the CPU and CUDA step kernels: the integer part is exact on both; the float part
-// differs from the torch reference only by the ulp of each libm's log/cos/sin.
+// differs from the torch reference only by the ulp of each libm's log/cos/sin. This is the
+// scalar form (the CUDA kernels, and the CPU's portable path); ddim_step_cpu.cpp has the CPU's
+// AVX2 form of the same numbers.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -1,15 +1,26 @@
-"""The fused step as a torch.library custom op, ``torch.ops.fastddim.ddim_step``.
+"""The fused backends' entry points: the step as a torch.library custom op, and their noise.
 
-One op for every fused backend (``triton``, ``cpp``, ``cuda``), so ``torch.compile(fullgraph=True)``
-sees a single opaque node with a fake implementation instead of a graph break, and a CUDA graph
-captures one launch per step. The C++ extension is imported here, inside try/except: a missing
-build is an error only when a backend that needs it is asked for.
+``torch.ops.fastddim.ddim_step``: one op for every fused backend (``triton``, ``cpp``, ``cuda``),
+so ``torch.compile(fullgraph=True)`` sees a single opaque node with a fake implementation instead
+of a graph break, and a CUDA graph captures one launch per step. ``normal_``: a backend's own
+noise kernel into a preallocated tensor (x_T). Both read the seed and first sample index from
+the device tensor ``rng_state`` makes, so a captured graph replays with new ones. The codes the
+kernels take (``PRED_CODES``, ``CLIP_*``) live here, once. The C++ extension is imported here,
+inside try/except: a missing build is an error only when a backend that needs it is asked for.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["ddim_step", "extension", "extension_error", "BUILD_HINT"]
+__all__ = [
+    "ddim_step", "normal_", "rng_state", "extension", "extension_error", "BUILD_HINT",
+    "PRED_CODES", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD",
+]
+
+# The kernels' codes, as csrc/ddim_step.h's Pred and Clip enums (kernels/ddim_step.py uses these).
+PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+FUSED_BACKENDS = ("triton", "cpp", "cuda")
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the fastddim checkout, with torch "
@@ -39,6 +50,44 @@ def extension():
     return _C
 
 
+def rng_state(seed: int, first_index: int, device) -> torch.Tensor:
+    """The int64 (2,) tensor the kernels read: (the uint64 seed's bits as an int64, first_index).
+
+    Made once per run on ``device``; later batches update it in place, so that a captured CUDA
+    graph, which baked in its address, sees the new values.
+    """
+    bits = seed - 2**64 if seed >= 2**63 else seed
+    return torch.tensor([bits, first_index], dtype=torch.int64).to(device)
+
+
+def normal_(backend: str, res: torch.Tensor, rng: torch.Tensor, step: int) -> torch.Tensor:
+    """Fill ``res`` in place with ``fastddim.noise.normal(seed, first_index, n, step, shape)``.
+
+    res: (n, *shape) contiguous fp32 on the backend's device; rng: int64 (2,) = (seed bits,
+    first_index) on the same device (``rng_state``), read by the kernel, not here: nothing syncs,
+    and a captured CUDA graph replays with whatever rng holds then. step: 0 for x_T, j + 1 for
+    step j's noise (fastddim.noise's convention). backend: "cpp" (CPU), "cuda" or "triton" (a
+    CUDA device, or CPU tensors under TRITON_INTERPRET=1). Returns res. The Philox integers are
+    the spec's bit for bit; the normals are within a few ulp of it (each backend's log/sin/cos).
+    """
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"normal_: backend must be one of {FUSED_BACKENDS}, got {backend!r}")
+    want = {"cpp": "cpu", "cuda": "cuda"}.get(backend)
+    if want is not None and res.device.type != want:
+        raise ValueError(f"normal_: backend {backend!r} fills {want} tensors, res is on {res.device}")
+    if backend == "triton":
+        if res.dim() < 1 or res.dtype != torch.float32 or not res.is_contiguous():
+            raise ValueError("normal_: res must be a contiguous float32 (n, *shape) tensor")
+        if rng.device != res.device or rng.dtype != torch.int64 or rng.shape != (2,) or not rng.is_contiguous():
+            raise ValueError("normal_: rng must be a contiguous int64 (2,) tensor (seed bits, first_index) on res's device")
+        from fastddim.kernels import ddim_step as triton_step
+
+        triton_step.normal_(res, rng, step)
+    else:
+        extension().normal_(res, rng, step)
+    return res
+
+
 def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
@@ -62,7 +111,7 @@ def ddim_step(
 
     x: (B, *shape) contiguous fp32; out: same shape, fp32/bf16/fp16; table: the plan's (S, 6)
     fp32 table on x's device; rng: int64 (2,) = (seed bits, first_index) on x's device; s: (B,)
-    fp32 thresholds (clip=2); backend: "triton", "cpp" or "cuda". Codes as in kernels/ddim_step.py.
+    fp32 thresholds (clip=2); backend: "triton", "cpp" or "cuda". pred, clip: PRED_CODES, CLIP_*.
     Call it as torch.ops.fastddim.ddim_step(...).
     """
     x_prev = torch.empty_like(x)
@@ -76,7 +125,7 @@ def ddim_step(
     elif backend in ("cpp", "cuda"):
         extension().ddim_step(x, out, table, j, rng, x_prev, x0, x_low, **kw)
     else:
-        raise ValueError(f"fastddim::ddim_step: backend must be 'triton', 'cpp' or 'cuda', got {backend!r}")
+        raise ValueError(f"fastddim::ddim_step: backend must be one of {FUSED_BACKENDS}, got {backend!r}")
     return x_prev, x0 if x0 is not None else _empty(x), x_low if x_low is not None else _empty(x)
 
 

@@ -13,8 +13,9 @@ the key from the seed, uniforms from the top 23 bits, Box-Muller on the two pair
 rounds are our own (tl.umulhi), not tl.randn, whose float mapping is version dependent.
 
 The seed and the first sample's index are read from a device int64 tensor ``rng`` = (seed as
-the int64 bit pattern, first_index), so a captured CUDA graph replays with new ones. The
-per-step scalars are row j of the plan's table on the device (columns as fastddim.plan.COLUMNS).
+the int64 bit pattern, first_index; ``fastddim._ops.rng_state``), so a captured CUDA graph
+replays with new ones. The per-step scalars are row j of the plan's table on the device (columns
+as fastddim.plan.COLUMNS). ``normal_`` writes the same noise alone (x_T): 4 B per element.
 
 Divisions use div_rn (Triton's ``/`` is approximate on GPU); log/sin/cos come from libdevice
 (tl.log may lower to an approximate instruction). Under TRITON_INTERPRET=1 libdevice does not
@@ -28,10 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ddim_step", "philox4x32", "normal", "PRED_CODES", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD"]
+from fastddim._ops import CLIP_NONE, rng_state  # one home for the codes (PRED_CODES, CLIP_*) and rng
 
-PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
-CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+__all__ = ["ddim_step", "normal_", "philox4x32"]
 
 _INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 if not _INTERPRET:
@@ -192,7 +192,7 @@ def ddim_step(
 
     x, x_prev, x0: (B, *shape) contiguous fp32; out: (B, *shape) fp32/bf16/fp16; x_low: bf16 or
     fp16; table: (S, 6) fp32; rng: int64 (2,) = (seed bits, first_index); s: (B,) fp32 thresholds
-    when clip == CLIP_THRESHOLD. All on one device.
+    when clip == CLIP_THRESHOLD. pred, clip: fastddim._ops.PRED_CODES, CLIP_*. All on one device.
     """
     b = x.shape[0]
     numel = x.numel() // b if b else 0
@@ -210,7 +210,7 @@ def ddim_step(
     )
 
 
-# ------------------------------------------------------------------ test entry points (noise)
+# ------------------------------------------------------------------ the noise alone
 @triton.jit
 def _philox_kernel(ctr_ptr, res_ptr, rng_ptr, m, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -227,8 +227,9 @@ def _philox_kernel(ctr_ptr, res_ptr, rng_ptr, m, BLOCK: tl.constexpr):
     tl.store(res_ptr + i * 4 + 3, r3.to(tl.int64), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def _normal_kernel(res_ptr, rng_ptr, step, numel, BLOCK: tl.constexpr):
+    # grid = (n, cdiv(groups, BLOCK)), as the step kernel's; rng is read here, on the device.
     b = tl.program_id(0)
     g = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     lane = tl.arange(0, 4)
@@ -238,10 +239,17 @@ def _normal_kernel(res_ptr, rng_ptr, step, numel, BLOCK: tl.constexpr):
     tl.store(res_ptr + b.to(tl.int64) * numel + e, z, mask=e < numel)
 
 
-def rng_state(seed: int, first_index: int, device) -> torch.Tensor:
-    """The int64 (2,) device tensor the kernels read: (seed's uint64 bits as int64, first_index)."""
-    bits = seed - 2**64 if seed >= 2**63 else seed
-    return torch.tensor([bits, first_index], dtype=torch.int64).to(device)
+def normal_(res: torch.Tensor, rng: torch.Tensor, step: int) -> None:
+    """Fill the preallocated res (n, *shape) contiguous fp32 with ``fastddim.noise.normal``'s noise
+    of samples rng[1] .. rng[1] + n - 1 at ``step``; rng: int64 (2,) = (seed bits, first_index) on
+    res's device. Checks are the caller's (``fastddim._ops.normal_``)."""
+    n = res.shape[0]
+    numel = res.numel() // n if n else 0
+    if n == 0 or numel == 0:
+        return
+    groups = (numel + 3) // 4
+    block = _block(groups)
+    _normal_kernel[(n, triton.cdiv(groups, block))](res, rng, step, numel, BLOCK=block)
 
 
 def philox4x32(ctr: torch.Tensor, seed: int) -> torch.Tensor:
@@ -251,16 +259,4 @@ def philox4x32(ctr: torch.Tensor, seed: int) -> torch.Tensor:
     m = ctr.shape[0]
     block = 1024 if _INTERPRET else 128
     _philox_kernel[(triton.cdiv(m, block),)](ctr, res, rng_state(seed, 0, ctr.device), m, BLOCK=block)
-    return res
-
-
-def normal(seed: int, first_index: int, n: int, step: int, shape, device) -> torch.Tensor:
-    """``fastddim.noise.normal`` made by the step kernel's noise code (for tests): (n, *shape) fp32."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    res = torch.empty((n, *shape), dtype=torch.float32, device=device)
-    groups = (numel + 3) // 4
-    block = _block(groups)
-    _normal_kernel[(n, triton.cdiv(groups, block))](res, rng_state(seed, first_index, device), step, numel, BLOCK=block)
     return res

@@ -135,6 +135,36 @@ def test_cpp_is_bit_exact_without_noise():
             assert torch.equal(prev, want_prev) and torch.equal(x0, want_x0), (pred, j)
 
 
+@pytest.mark.parametrize("simd", [True, False], ids=["avx2", "scalar"])
+def test_cpp_step_on_both_noise_paths(simd):
+    """The C++ step with noise on its AVX2 path and on its portable scalar one (whichever the
+    machine runs by default), each against the reference; the two differ only by sigma * ulps."""
+    if available_backends(torch.device("cpu"))["cpp"] is not None:
+        pytest.skip("fastddim._C not built")
+    C = _ops.extension()
+    saved = C.cpu_simd() == "avx2"
+    try:
+        try:
+            C.cpu_simd(simd)
+        except RuntimeError as e:
+            pytest.skip(str(e))
+        for pred, eta in (("epsilon", 1.0), ("v_prediction", 0.5)):
+            plan = make_plan(SCHEDULE, S, eta=eta, prediction_type=pred, clip_sample=True)
+            for shape in ((3, 3, 37, 37), (5, 5, 7)):
+                check_against_reference("cpp", plan, shape, torch.float32, 1e-5, 1e-5, (0, S // 2, S - 1))
+        plan = make_plan(SCHEDULE, S, eta=1.0)
+        x, out = inputs((4, 3, 33, 35), torch.bfloat16)
+        prev = make_step("cpp", plan, 9)(x, out, 2, 0)[0]
+        C.cpu_simd(not simd)
+        other = make_step("cpp", plan, 9)(x, out, 2, 0)[0]
+    finally:
+        C.cpu_simd(saved)
+    # Noise within 8 ulp of each other (each within 4 of the spec), scaled by sigma, plus one rounding.
+    sigma = plan.table[2, 5].item()
+    assert_close(prev, other, 8 * 2**-23 * 4 * sigma, 2**-23, "avx2 vs scalar step")
+    assert not torch.equal(prev, other)  # the paths really differ: both ran
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, under the interpreter
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_nan_and_inf_pass_through_as_in_the_reference(backend):
@@ -247,11 +277,9 @@ def test_custom_op_compiles_fullgraph(C):
 
 
 def test_custom_op_opcheck(C):
-    from fastddim.dispatch import _rng_state
-
     plan = make_plan(SCHEDULE, S, eta=1.0)
     x, out = inputs((2, 3, 5), torch.bfloat16)
-    args = (x, out, plan.table, 1, _rng_state(2**64 - 1, 3, "cpu"), None, "cpp", 0, 1, 1.0, False, False, True, True, torch.bfloat16)
+    args = (x, out, plan.table, 1, _ops.rng_state(2**64 - 1, 3, "cpu"), None, "cpp", 0, 1, 1.0, False, False, True, True, torch.bfloat16)
     torch.library.opcheck(torch.ops.fastddim.ddim_step.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -278,12 +306,10 @@ def test_gpu_graph_replays_with_new_seed(backend):
     """The seed and first index are read from a device tensor: a captured step replays with new ones."""
     if available_backends(torch.device("cuda"))[backend] is not None:
         pytest.skip(available_backends(torch.device("cuda"))[backend])
-    from fastddim.dispatch import _rng_state
-
     plan = make_plan(SCHEDULE, S, eta=1.0)
     table = plan.table.cuda()
     x, out = inputs((4, 3, 16, 16), torch.float32, device="cuda")
-    rng = _rng_state(1, 0, "cuda")
+    rng = _ops.rng_state(1, 0, "cuda")
 
     def run():
         return torch.ops.fastddim.ddim_step(x, out, table, 2, rng, None, backend, 0, 0, 1.0, False, False, True, False, None)[0]
@@ -296,7 +322,7 @@ def test_gpu_graph_replays_with_new_seed(backend):
     with torch.cuda.graph(graph):
         captured = run()
     for seed, first in ((1, 0), (2**64 - 3, 9), (77, 123)):
-        rng.copy_(_rng_state(seed, first, "cuda"))
+        rng.copy_(_ops.rng_state(seed, first, "cuda"))
         graph.replay()
         want, _ = reference_step(plan, x, out, 2, seed, first)
         assert_close(captured.clone(), want, 4e-5, 4e-5, f"graph replay seed={seed} first={first}")
