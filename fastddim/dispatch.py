@@ -17,6 +17,7 @@ import os
 import torch
 
 from . import reference
+from ._ops import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, PRED_CODES, rng_state  # the kernels' codes, one home
 from .noise import normal, normal_like_batch
 from .plan import Plan
 
@@ -25,8 +26,6 @@ __all__ = ["BACKENDS", "Step", "resolve_backend", "make_step", "available_backen
 log = logging.getLogger("fastddim")
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
-PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}  # as kernels/ddim_step.py and csrc/ddim_step.h
-CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
 LOW_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -104,11 +103,6 @@ def _clip_mode(plan: Plan) -> tuple[int, float]:
     return CLIP_NONE, 1.0
 
 
-def _rng_state(seed: int, first_index: int, device: torch.device) -> torch.Tensor:
-    bits = seed - 2**64 if seed >= 2**63 else seed  # the uint64 seed's bits as an int64
-    return torch.tensor([bits, first_index], dtype=torch.int64).to(device)
-
-
 class Step:
     """The step of one plan on one backend, with its static device buffers.
 
@@ -128,7 +122,7 @@ class Step:
         self.backend, self.plan, self.need_x0, self.low_dtype = backend, plan, need_x0, low_dtype
         self.device = torch.device(device)
         self.seed, self.first_index = seed, 0
-        self.rng = _rng_state(seed, 0, self.device)
+        self.rng = rng_state(seed, 0, self.device)
         if backend != "torch":
             from . import _ops  # registers torch.ops.fastddim.ddim_step
 
