@@ -24,7 +24,9 @@ The specification (all integers are uint32, arithmetic modulo 2**32):
    Element e takes lane e % 4 of its counter's output. All float arithmetic is float32.
 
 This file is the reference implementation, in plain torch on int64 tensors, so it runs on any
-device. It is not fast; the fused kernels make the same numbers inside the step.
+device: the oracle of the tests and the noise of the ``torch`` backend. It computes the spec
+literally (the same float ops, in the same order), in cache-sized passes of in-place ops; the
+fused kernels make the same numbers inside the step.
 """
 from __future__ import annotations
 
@@ -48,15 +50,11 @@ TWO_PI_F32 = 6.2831855  # float32(2*pi); used as a float32 constant everywhere
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit halves of the 64-bit product of uint32 ``a`` (held in int64) and ``m``.
 
-    int64 cannot hold a 64-bit unsigned product, so split both factors in 16-bit halves:
-    a*m = a1*m1 * 2**32 + p with p = a0*m0 + (a1*m0 + a0*m1) * 2**16 < 2**50.
+    int64 multiplication wraps modulo 2**64, so the product's 64 bits are all there even when it
+    reads as negative; the arithmetic shift's low 32 bits are still bits 32..63.
     """
-    m0, m1 = m & 0xFFFF, m >> 16
-    a0, a1 = a & 0xFFFF, a >> 16
-    p = a0 * m0 + ((a1 * m0 + a0 * m1) << 16)
-    lo = p & MASK32
-    hi = (a1 * m1 + (p >> 32)) & MASK32
-    return hi, lo
+    p = a * m
+    return (p >> 32) & MASK32, p & MASK32
 
 
 def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
@@ -81,10 +79,52 @@ def uniform_from_bits(x: torch.Tensor) -> torch.Tensor:
     return ((x >> 9).to(torch.float32) + 0.5) * (2.0**-23)
 
 
-def _box_muller(ua: torch.Tensor, ub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r = torch.sqrt(-2.0 * torch.log(ua))
-    theta = ub * TWO_PI_F32
-    return r * torch.cos(theta), r * torch.sin(theta)
+# Philox groups per pass of ``normal`` on the CPU, per thread: its ~10 int64 and float32 buffers
+# (~2 MB) stay in cache, where each torch op runs several times faster than over whole tensors.
+_CPU_CHUNK = 1 << 15
+
+
+def _philox_(c: list[torch.Tensor], p: list[torch.Tensor], k0: int, k1: int) -> None:
+    """Philox-4x32-10 in place on the int64 buffers c = [c0, c1, c2, c3]; p: two scratch buffers.
+
+    One multiply per product (see _mulhilo). Words 1 and 3 are left unmasked (the full product:
+    correct low 32 bits, garbage above), which only ever meets an xor and a final mask; words 0
+    and 2, the next round's factors, are masked. The four words come back in c, words 1 and 3
+    unmasked.
+    """
+    for r in range(PHILOX_ROUNDS):
+        torch.mul(c[0], PHILOX_M0, out=p[0])
+        torch.mul(c[2], PHILOX_M1, out=p[1])
+        torch.bitwise_right_shift(p[1], 32, out=c[0])
+        c[0].bitwise_xor_(c[1]).bitwise_xor_(k0).bitwise_and_(MASK32)
+        torch.bitwise_right_shift(p[0], 32, out=c[2])
+        c[2].bitwise_xor_(c[3]).bitwise_xor_(k1).bitwise_and_(MASK32)
+        c[1], p[1] = p[1], c[1]  # lo1 is the product itself: swap buffers rather than copy
+        c[3], p[0] = p[0], c[3]
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+
+
+def _uniform_(x: torch.Tensor, tmp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """uniform_from_bits(x & MASK32) into the float32 ``out``, with fewer passes: the spec's
+    (float(x >> 9) + 0.5) * 2**-23 equals float(((x >> 8) & 0xFFFFFF) | 1) * 2**-24 exactly
+    (an odd integer below 2**24, scaled by a power of 2), so no rounding differs."""
+    torch.bitwise_right_shift(x, 8, out=tmp)
+    tmp.bitwise_and_(0xFFFFFF).bitwise_or_(1)
+    return torch.mul(tmp, 2.0**-24, out=out)
+
+
+def _box_muller_(ua: torch.Tensor, ub: torch.Tensor, tmp: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> None:
+    """z0, z1 = r cos(theta), r sin(theta) with r = sqrt(-2 log(ua)), theta = 2 pi ub (spec step 4),
+    the same torch ops in the same order as the plain formula; ua and ub are overwritten. log, cos
+    and sin run on contiguous buffers (their vectorised kernels); the products may go to strided
+    outputs (a product rounds the same everywhere)."""
+    torch.log(ua, out=ua).mul_(-2.0).sqrt_()
+    ub.mul_(TWO_PI_F32)
+    torch.cos(ub, out=tmp)
+    torch.mul(ua, tmp, out=z0)
+    torch.sin(ub, out=tmp)
+    torch.mul(ua, tmp, out=z1)
 
 
 def normal(
@@ -101,20 +141,38 @@ def normal(
     sample ``first_index + j`` whatever ``first_index`` and ``n`` are (the batch invariance the
     sampler relies on). ``step`` follows the module's convention: 0 for x_T, j + 1 for the j-th
     sampling step.
+
+    Computed as the spec reads, on the n * groups Philox groups in flat order, in passes of a
+    few thousand groups on the CPU (in-place ops on buffers that stay in cache), each group's
+    four normals written to its four lanes of the output.
     """
     numel = math.prod(shape)
     groups = (numel + 3) // 4
+    total = n * groups
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    g = torch.arange(groups, dtype=torch.int64, device=dev).view(1, groups)
-    idx = ((torch.arange(n, dtype=torch.int64, device=dev) + first_index) & MASK32).view(n, 1)
-    x0, x1, x2, x3 = philox4x32(
-        g.expand(n, groups), idx.expand(n, groups), torch.full_like(g, step & MASK32).expand(n, groups),
-        torch.zeros_like(g).expand(n, groups), seed & MASK32, (seed >> 32) & MASK32,
-    )
-    z0, z1 = _box_muller(uniform_from_bits(x0), uniform_from_bits(x1))
-    z2, z3 = _box_muller(uniform_from_bits(x2), uniform_from_bits(x3))
-    z = torch.stack([z0, z1, z2, z3], dim=-1).reshape(n, groups * 4)[:, :numel]
-    return z.reshape(n, *shape).contiguous()
+    res = torch.empty((total, 4), dtype=torch.float32, device=dev)
+    chunk = max(1, min(total, _CPU_CHUNK * torch.get_num_threads() if dev.type == "cpu" else total))
+    ints = [torch.empty(chunk, dtype=torch.int64, device=dev) for _ in range(7)]
+    floats = [torch.empty(chunk, dtype=torch.float32, device=dev) for _ in range(3)]
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    for start in range(0, total, chunk):
+        m = min(chunk, total - start)
+        c, p, tmp = [t[:m] for t in ints[:4]], [t[:m] for t in ints[4:6]], ints[6][:m]
+        fa, fb, ft = (t[:m] for t in floats)
+        # Counter (g, sample index mod 2**32, step, 0) of flat group q = sample row * groups + g.
+        torch.arange(start, start + m, out=tmp)
+        torch.div(tmp, groups, rounding_mode="floor", out=c[1])
+        torch.mul(c[1], groups, out=c[0])
+        torch.sub(tmp, c[0], out=c[0])
+        c[1].add_(first_index).bitwise_and_(MASK32)
+        c[2].fill_(step & MASK32)
+        c[3].zero_()
+        _philox_(c, p, k0, k1)
+        z = res[start:start + m]
+        _box_muller_(_uniform_(c[0], tmp, fa), _uniform_(c[1], tmp, fb), ft, z[:, 0], z[:, 1])
+        _box_muller_(_uniform_(c[2], tmp, fa), _uniform_(c[3], tmp, fb), ft, z[:, 2], z[:, 3])
+    z = res.view(n, groups * 4)
+    return (z if groups * 4 == numel else z[:, :numel].contiguous()).view(n, *shape)
 
 
 def normal_like_batch(x: torch.Tensor, seed: int, first_index: int, step: int) -> torch.Tensor:

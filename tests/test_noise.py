@@ -65,3 +65,54 @@ def test_normal_statistics():
     assert abs(z.std().item() - 1) < 5 / math.sqrt(2 * n)
     # tails: P(|z| > 3) = 0.0027
     assert abs((z.abs() > 3).double().mean().item() - 0.0027) < 0.001
+
+
+def _spec_normal(seed, first_index, n, step, shape):
+    """The spec transcribed literally (whole tensors, 16-bit-split products, torch.stack): the
+    oracle for the reference's chunked, in-place implementation."""
+    def mulhilo(a, m):
+        p = (a & 0xFFFF) * (m & 0xFFFF) + (((a >> 16) * (m & 0xFFFF) + (a & 0xFFFF) * (m >> 16)) << 16)
+        return ((a >> 16) * (m >> 16) + (p >> 32)) & 0xFFFFFFFF, p & 0xFFFFFFFF
+
+    numel = math.prod(shape)
+    groups = (numel + 3) // 4
+    c0 = torch.arange(groups, dtype=torch.int64).repeat(n, 1)
+    c1 = ((torch.arange(n, dtype=torch.int64) + first_index) & 0xFFFFFFFF).view(n, 1).expand(n, groups)
+    c2, c3 = torch.full_like(c0, step & 0xFFFFFFFF), torch.zeros_like(c0)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    for _ in range(10):
+        (hi0, lo0), (hi1, lo1) = mulhilo(c0, 0xD2511F53), mulhilo(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    z = []
+    for a, b in ((c0, c1), (c2, c3)):
+        r = torch.sqrt(-2.0 * torch.log(uniform_from_bits(a)))
+        theta = uniform_from_bits(b) * 6.2831855
+        z += [r * torch.cos(theta), r * torch.sin(theta)]
+    return torch.stack(z, dim=-1).reshape(n, groups * 4)[:, :numel].reshape(n, *shape).contiguous()
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 4096], ids=["default", "7", "4096"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_normal_bit_identical_to_the_literal_spec(monkeypatch, chunk, threads):
+    """The reference's passes (any size, a partial last one, one or two threads) change nothing:
+    same integers, same float ops, same bits as the spec written out on whole tensors."""
+    import fastddim.noise as noise
+
+    if chunk is not None:
+        monkeypatch.setattr(noise, "_CPU_CHUNK", chunk)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for args in ((0, 0, 5, 0, (3, 37, 37)), (2**64 - 1, 2**32 - 3, 6, 7, (5, 7)), (2**63 + 5, 9, 1, 2**32 + 1, (2,)),
+                     (123456789, 1000, 3, 1, (1,)), (7, 3, 2, 4, (2, 40, 41))):
+            got, want = normal(*args), _spec_normal(*args)
+            assert got.shape == want.shape and got.is_contiguous()
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), args
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_normal_of_nothing():
+    assert normal(1, 0, 0, 1, (3, 4)).shape == (0, 3, 4)
+    assert normal(1, 0, 2, 1, (0,)).shape == (2, 0)
