@@ -64,7 +64,11 @@ def test_seed_changes_samples_and_x_T_is_the_noise_function(model):
     a = fastddim.sample(model, n=2, steps=4, seed=1, progress=False)
     assert not torch.equal(a, fastddim.sample(model, n=2, steps=4, seed=2, progress=False))
     x_T = normal(1, 0, 2, 0, SHAPE)
-    assert torch.equal(a, fastddim.sample(model, steps=4, x_T=x_T, progress=False))
+    # The torch backend draws x_T with the reference itself; a fused backend with its own kernel,
+    # identical to it within the ulps tests/test_noise_backends.py bounds.
+    ref = fastddim.sample(model, n=2, steps=4, seed=1, backend="torch", progress=False)
+    assert torch.equal(ref, fastddim.sample(model, steps=4, x_T=x_T, backend="torch", progress=False))
+    torch.testing.assert_close(a, fastddim.sample(model, steps=4, x_T=x_T, progress=False), atol=1e-5, rtol=1e-5)
 
 
 def test_eta_zero_is_deterministic_and_eta_changes_result(model):
