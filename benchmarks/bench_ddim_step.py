@@ -1,6 +1,7 @@
-"""The DDIM step: the eager torch reference (with its noise) against the fused kernels.
+"""The DDIM step: the eager torch reference (with its noise) against the fused kernels; the noise
+alone against torch.randn.
 
-    pytest benchmarks --benchmark-only --benchmark-enable
+    pytest benchmarks/bench_ddim_step.py --benchmark-only --benchmark-enable -q
 
 GB/s counts the bytes the step's interface moves per element: x_t read (4 B), the model output
 read (4 B fp32, 2 B bf16) and x_{t-1} written (4 B); the fused steps run as the sampler runs them
@@ -8,16 +9,26 @@ without a callback (need_x0=False). The count is the same for every backend (the
 traffic is several times larger), so the column compares across rows and against the copy rate.
 The timed call includes dispatch and, on a GPU, a synchronize; Triton compilation and the first
 touch of the output pages happen in an untimed warm-up.
+
+test_noise_vs_randn (CPU, one thread, 1024x3x32x32 fp32): torch.randn of that shape (allocating,
+and into a preallocated tensor), fastddim.noise.normal (the plain-torch reference),
+_ops.normal_("cpp") into a preallocated tensor on each C++ noise path (avx2, scalar), and the
+fused C++ step with noise (fp32 model output, eta = 1, as make_step runs it, allocating x_{t-1}).
+Each row also times PAIRS interleaved (row, torch.randn) pairs for a ratio robust to the
+neighbours' load; the run ends with the bars: the fused step no slower than torch.randn alone,
+the reference noise within 10x of it.
 """
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 import pytest
 import torch
 
 import fastddim
+from fastddim import _ops, noise
 from fastddim.dispatch import available_backends, make_step
 from fastddim.plan import make_plan
 from fastddim.schedule import Schedule
@@ -111,3 +122,102 @@ def test_step_cpu(benchmark, record_median, backend, shape, dtype, eta, threads)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_step_gpu(benchmark, record_median, backend, shape, dtype, eta):
     _run(benchmark, record_median, backend, "cuda", shape, dtype, eta)
+
+
+# ------------------------------------------------------------------ the noise against torch.randn
+NOISE_SHAPE = (1024, 3, 32, 32)
+NOISE_ROWS = ["torch.randn", "torch.randn(out=)", "reference", "normal_-cpp-avx2", "normal_-cpp-scalar",
+              "step-cpp-avx2", "step-cpp-scalar"]
+PAIRS = 7
+_NOISE: dict[str, dict] = {}  # row -> {"median", "paired", "extra_info"}, for the closing bars
+
+
+def _noise_call(row: str):
+    """(the timed call, the C++ noise path it needs or None) for one row."""
+    n, shape = NOISE_SHAPE[0], NOISE_SHAPE[1:]
+    if row == "torch.randn":
+        return (lambda: torch.randn(NOISE_SHAPE)), None
+    if row == "torch.randn(out=)":
+        buf = torch.empty(NOISE_SHAPE)
+        return (lambda: torch.randn(NOISE_SHAPE, out=buf)), None
+    if row == "reference":
+        return (lambda: noise.normal(1, 0, n, 3, shape)), None
+    if available_backends(torch.device("cpu"))["cpp"] is not None:
+        pytest.skip(available_backends(torch.device("cpu"))["cpp"])
+    simd = row.endswith("avx2")
+    if row.startswith("normal_"):
+        res, rng = torch.empty(NOISE_SHAPE), _ops.rng_state(1, 0, "cpu")
+        return (lambda: _ops.normal_("cpp", res, rng, 0)), simd
+    plan = make_plan(SCHEDULE, 10, eta=1.0)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(NOISE_SHAPE, generator=g), torch.randn(NOISE_SHAPE, generator=g)
+    step = make_step("cpp", plan, 1, need_x0=False, device=torch.device("cpu"))
+    return (lambda: step(x, out, 3, 0)), simd
+
+
+@pytest.fixture(scope="module")
+def noise_bars(request):
+    """Writes the bars once this module's noise rows have run; fills each row's vs-randn ratios."""
+    yield _NOISE
+    base = _NOISE.get("torch.randn")
+    if not _NOISE or base is None:
+        return
+    for info in _NOISE.values():
+        info["extra_info"]["ratio_vs_randn"] = round(info["median"] / base["median"], 3)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        _write_noise_bars(reporter.write_line, base)
+
+
+def _write_noise_bars(w, base: dict) -> None:
+    w("")
+    w(f"noise, one thread, {'x'.join(map(str, NOISE_SHAPE))} fp32, each row's time over torch.randn's "
+      f"({base['median'] * 1e3:.2f} ms), from the medians and from {PAIRS} interleaved pairs:")
+    for row, info in _NOISE.items():
+        w(f"  {row:<20} {info['median'] * 1e3:8.2f} ms  {info['median'] / base['median']:6.2f}x  paired "
+          f"{info['paired']:.2f}x")
+    bars = [("fused step with noise (cpp, fp32, eta=1) no slower than torch.randn", "step-cpp-avx2", 1.0),
+            ("reference noise (fastddim.noise.normal) within 10x of torch.randn", "reference", 10.0)]
+    for label, row, bound in bars:
+        if row in _NOISE:
+            r = _NOISE[row]
+            verdict = "met" if max(r["median"] / base["median"], r["paired"]) <= bound else "MISSED"
+            w(f"  bar: {label}: {r['median'] / base['median']:.2f}x (medians), {r['paired']:.2f}x (paired); "
+              f"<= {bound:g}x: {verdict}")
+
+
+@pytest.mark.parametrize("row", NOISE_ROWS)
+def test_noise_vs_randn(benchmark, noise_bars, row):
+    call, simd = _noise_call(row)
+    C = _ops.extension() if simd is not None else None
+    saved_simd = C.cpu_simd() == "avx2" if C is not None else None
+    saved = torch.get_num_threads()
+    try:
+        if C is not None:
+            try:
+                C.cpu_simd(simd)
+            except RuntimeError as e:
+                pytest.skip(str(e))
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            call()  # warm-up: first touch of the buffers
+            rounds = 5 if row == "reference" else 15
+            benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+            ratios = []
+            for _ in range(PAIRS):
+                t0 = time.perf_counter()
+                call()
+                t1 = time.perf_counter()
+                torch.randn(NOISE_SHAPE)
+                ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    finally:
+        torch.set_num_threads(saved)
+        if C is not None:
+            C.cpu_simd(saved_simd)
+    paired = sorted(ratios)[len(ratios) // 2]
+    benchmark.extra_info.update(
+        row=row, shape=list(NOISE_SHAPE), cpu_simd=None if C is None else ("avx2" if simd else "scalar"),
+        paired_ratios_vs_randn=[round(r, 3) for r in ratios], paired_ratio_vs_randn=round(paired, 3), **_versions(),
+    )
+    benchmark.extra_info["threads"] = 1
+    noise_bars[row] = {"median": benchmark.stats.stats.median, "paired": paired, "extra_info": benchmark.extra_info}

@@ -106,7 +106,7 @@ FASTDDIM_AVX2 inline void sincos_avx2(__m256 x, __m256& s, __m256& c) {
   const __m256 tc = _mm256_fnmadd_ps(rl, rh, _mm256_fmadd_ps(_mm256_mul_ps(r2, r2), pc, eh));
   const __m256 cr = _mm256_add_ps(h, tc);
   // Odd quadrants swap sin and cos; sin is negated in quadrants 2, 3 and cos in 1, 2.
-  const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
+  const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));  // blendv reads the sign bit only
   const __m256 sign_s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 30));
   const __m256 sign_c = _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(2)), 30));
@@ -114,18 +114,22 @@ FASTDDIM_AVX2 inline void sincos_avx2(__m256 x, __m256& s, __m256& c) {
   c = _mm256_xor_ps(_mm256_blendv_ps(cr, sr, swap), sign_c);
 }
 
-// Philox-4x32-10 on 4 counters held in the low 32 bits of 64-bit lanes; keys: the 10 rounds'
-// (k0, k1), broadcast. _mm256_mul_epu32 reads only the low halves and returns the full 64-bit
-// products, so hi is a shift and lo the product itself: the garbage that c1 and c3 carry above
-// bit 31 is xored into c0 and c2 there and never reaches a multiplication.
-FASTDDIM_AVX2 inline void philox4_avx2(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, const __m256i keys[20]) {
+// Philox-4x32-10 on two blocks a, b of 4 counters each, held in the low 32 bits of 64-bit
+// lanes; keys: the 10 rounds' (k0, k1), broadcast. _mm256_mul_epu32 reads only the low halves
+// and returns the full 64-bit products, so hi is a shift and lo the product itself: the garbage
+// that words 1 and 3 carry above bit 31 is xored into words 0 and 2 there and never reaches a
+// multiplication. The blocks go round by round together: two independent chains, keys read once.
+FASTDDIM_AVX2 inline void philox8_avx2(__m256i a[4], __m256i b[4], const __m256i keys[20]) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
   for (int r = 0; r < 10; ++r) {
-    const __m256i p0 = _mm256_mul_epu32(c0, m0), p1 = _mm256_mul_epu32(c2, m1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), keys[2 * r]);
-    c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), keys[2 * r + 1]);
-    c1 = p1;
-    c3 = p0;
+    const __m256i k0 = _mm256_load_si256(keys + 2 * r), k1 = _mm256_load_si256(keys + 2 * r + 1);
+    for (__m256i* c : {a, b}) {
+      const __m256i p0 = _mm256_mul_epu32(c[0], m0), p1 = _mm256_mul_epu32(c[2], m1);
+      c[0] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c[1]), k0);
+      c[2] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c[3]), k1);
+      c[1] = p1;
+      c[3] = p0;
+    }
   }
 }
 
@@ -159,15 +163,13 @@ FASTDDIM_AVX2 inline void box_muller_avx2(__m256i a, __m256i b, __m256& z0, __m2
 FASTDDIM_AVX2 inline void gaussian32_avx2(const __m256i keys[20], uint32_t sample, uint32_t step, uint32_t g, __m256 out[4]) {
   // Block a holds groups g, g+2, g+4, g+6 and block b the odd ones, so that interleaving their
   // low halves gives the words of groups g .. g+7 in order.
-  __m256i a0 = _mm256_setr_epi64x(g, g + 2u, g + 4u, g + 6u), b0 = _mm256_setr_epi64x(g + 1u, g + 3u, g + 5u, g + 7u);
-  __m256i a1 = _mm256_set1_epi32(static_cast<int>(sample)), b1 = a1;
-  __m256i a2 = _mm256_set1_epi32(static_cast<int>(step)), b2 = a2;
-  __m256i a3 = _mm256_setzero_si256(), b3 = a3;
-  philox4_avx2(a0, a1, a2, a3, keys);
-  philox4_avx2(b0, b1, b2, b3, keys);
+  const __m256i sample_v = _mm256_set1_epi32(static_cast<int>(sample)), step_v = _mm256_set1_epi32(static_cast<int>(step));
+  __m256i a[4] = {_mm256_setr_epi64x(g, g + 2u, g + 4u, g + 6u), sample_v, step_v, _mm256_setzero_si256()};
+  __m256i b[4] = {_mm256_setr_epi64x(g + 1u, g + 3u, g + 5u, g + 7u), sample_v, step_v, _mm256_setzero_si256()};
+  philox8_avx2(a, b, keys);
   __m256 z0, z1, z2, z3;
-  box_muller_avx2(interleave_low_avx2(a0, b0), interleave_low_avx2(a1, b1), z0, z1);
-  box_muller_avx2(interleave_low_avx2(a2, b2), interleave_low_avx2(a3, b3), z2, z3);
+  box_muller_avx2(interleave_low_avx2(a[0], b[0]), interleave_low_avx2(a[1], b[1]), z0, z1);
+  box_muller_avx2(interleave_low_avx2(a[2], b[2]), interleave_low_avx2(a[3], b[3]), z2, z3);
   // 4x8 -> 8x4 transpose: group i's lanes (z0[i], z1[i], z2[i], z3[i]) become consecutive.
   const __m256 t0 = _mm256_unpacklo_ps(z0, z1), t1 = _mm256_unpackhi_ps(z0, z1);
   const __m256 t2 = _mm256_unpacklo_ps(z2, z3), t3 = _mm256_unpackhi_ps(z2, z3);
@@ -196,23 +198,25 @@ FASTDDIM_AVX2 void noise_avx2(uint64_t seed, uint32_t sample, uint32_t step, int
   }
 }
 
-// Raw Philox of arbitrary counters (the philox4x32 binding), 4 rows at a time through the same
+// Raw Philox of arbitrary counters (the philox4x32 binding), 8 rows at a time through the same
 // rounds as the noise, so that the tests see this path's integers.
 FASTDDIM_AVX2 void philox_avx2(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed) {
   __m256i keys[20];
   philox_keys_avx2(seed, keys);
   const __m256i mask = _mm256_set1_epi64x(0xFFFFFFFF);
-  for (int64_t i = 0; i < m; i += 4) {
-    const int64_t rows = std::min<int64_t>(4, m - i);
-    int64_t c[16] = {0};
+  for (int64_t i = 0; i < m; i += 8) {  // rows i .. i+3 in block a, i+4 .. i+7 in block b
+    const int64_t rows = std::min<int64_t>(8, m - i);
+    int64_t c[32] = {0};
     std::memcpy(c, ctr + 4 * i, sizeof(int64_t) * 4 * rows);
-    __m256i w[4];
-    for (int k = 0; k < 4; ++k) w[k] = _mm256_setr_epi64x(c[k], c[4 + k], c[8 + k], c[12 + k]);
-    philox4_avx2(w[0], w[1], w[2], w[3], keys);
-    alignas(32) int64_t o[4][4];
-    for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(o[k]), _mm256_and_si256(w[k], mask));
+    __m256i w[2][4];
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 4; ++k) w[h][k] = _mm256_setr_epi64x(c[16 * h + k], c[16 * h + 4 + k], c[16 * h + 8 + k], c[16 * h + 12 + k]);
+    philox8_avx2(w[0], w[1], keys);
+    alignas(32) int64_t o[2][4][4];
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 4; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(o[h][k]), _mm256_and_si256(w[h][k], mask));
     for (int64_t r = 0; r < rows; ++r)
-      for (int k = 0; k < 4; ++k) res[4 * (i + r) + k] = o[k][r];
+      for (int k = 0; k < 4; ++k) res[4 * (i + r) + k] = o[r / 4][k][r % 4];
   }
 }
 
