@@ -82,18 +82,32 @@ def _fsync_dir(d: str) -> None:
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[IO[bytes]]:
     """``with atomic_write(p) as f: f.write(...)``: p appears complete or not at all."""
+    path = os.fspath(path)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")
+        except OSError as e:  # name the file the user asked for, never the temporary
+            raise _os_error(e, f"cannot write {path}") from None
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _os_error(e, f"cannot write {path}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _os_error(e: OSError, what: str) -> OSError:
+    err = type(e)(f"{what}: {e.strerror or e}")  # one argument: str(err) is the message alone
+    err.errno = e.errno
+    return err
 
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so equal arrays give byte-identical files

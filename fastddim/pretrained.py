@@ -13,17 +13,21 @@ checkpoints, ``train`` (the training arguments as JSON).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .checks import check_device
 from .models.unet import UNet, UNetConfig
 from .schedule import Schedule
 
-__all__ = ["pretrained", "load_checkpoint", "Checkpoint", "KNOWN", "FORMAT"]
+__all__ = ["pretrained", "load_model", "load_checkpoint", "Checkpoint", "KNOWN", "FORMAT"]
 
 FORMAT = "fastddim-checkpoint-1"
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -139,3 +143,73 @@ def pretrained(name: str | os.PathLike = "mnist", device: str | torch.device | N
         raise ValueError(f"{path}: EMA weights do not fit the stored config ({e})") from e
     model.requires_grad_(False)
     return model.eval().to(device if device is not None else "cpu")
+
+
+def load_model(spec: str | os.PathLike | None = None, device: str | torch.device | None = None):
+    """The model a ``--model`` value names, on ``device`` (default: CUDA if available, else CPU).
+
+    ``spec``:
+      - None or a packaged name (``"mnist"``): ``pretrained(name)``;
+      - an existing file: a checkpoint written by ``fastddim train`` (``pretrained(path)``);
+      - ``module:attr`` or ``path/to/file.py:attr``: the object ``attr``; if it is a
+        ``torch.nn.Module`` or has ``sample_shape`` it is the model, otherwise it is called with
+        no arguments and must return one. The model needs ``sample_shape`` and ``schedule``.
+    Modules are put in eval mode and moved to ``device``.
+
+    Raises ValueError (one line: what was asked for and why it failed).
+    """
+    dev = check_device("device", device)
+    spec = None if spec is None else os.fspath(spec)
+    if spec is not None and not os.path.exists(spec) and ":" in spec:
+        model = _import_model(spec)
+        if isinstance(model, torch.nn.Module):
+            model = model.eval().to(dev)
+        return model
+    if spec is not None and not os.path.exists(spec) and (os.sep in spec or "." in os.path.basename(spec)):
+        raise ValueError(f"model file not found: {spec}")
+    name = spec or "mnist"
+    try:
+        return pretrained(name, device=dev)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot load model {name!r}: {_one_line(e)}") from e
+    except Exception as e:  # a damaged file can fail deep inside a reader
+        raise ValueError(f"cannot load model {name!r}: {type(e).__name__}: {_one_line(e)}") from e
+
+
+def _import_model(spec: str):
+    """The model (or the factory's model) that ``module:attr`` / ``file.py:attr`` names."""
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise ValueError(f"--model {spec!r}: expected module:attr or path/to/file.py:attr")
+    if target.endswith(".py") and not os.path.isfile(target):
+        raise ValueError(f"model file not found: {target}")
+    try:
+        if target.endswith(".py"):
+            name = "_fastddim_user_model_" + os.path.splitext(os.path.basename(target))[0]
+            sp = importlib.util.spec_from_file_location(name, target)
+            mod = importlib.util.module_from_spec(sp)
+            sys.modules[name] = mod
+            sp.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(target)
+    except ImportError as e:
+        raise ValueError(f"--model {spec!r}: cannot import {target!r} ({e})") from e
+    except Exception as e:
+        raise ValueError(f"--model {spec!r}: importing {target!r} failed: {type(e).__name__}: {_one_line(e)}") from e
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--model {spec!r}: {target!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.nn.Module) and not hasattr(obj, "sample_shape"):
+        if not callable(obj):
+            raise ValueError(f"--model {spec!r}: {attr!r} is neither a model nor a factory")
+        obj = obj()
+    if not hasattr(obj, "sample_shape") or not hasattr(obj, "schedule"):
+        raise ValueError(f"--model {spec!r}: the model needs 'sample_shape' and 'schedule' attributes")
+    return obj
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__

