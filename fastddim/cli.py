@@ -6,29 +6,38 @@
     fastddim generate --n 50000 --steps 10 --out run/
     fastddim train --steps 4000 --out mnist.safetensors
 
+One ``_add_<cmd>(sub)`` / ``cmd_<cmd>(args)`` pair per command, on top of the library: argument
+types are built on ``fastddim.checks`` (a bad value reads the same from Python and from a shell),
+models come from ``fastddim.pretrained.load_model``, output paths are checked by
+``fastddim.paths`` before any model is loaded or called, and the jobs live in ``fastddim.generate``
+and ``fastddim.train``.
+
 Every command takes ``--model``: a packaged model name (default ``mnist``), the path of a
 checkpoint written by ``fastddim train``, or ``module:attr`` / ``path/to/file.py:attr`` naming
 a model object (a ``torch.nn.Module`` or anything with ``sample_shape``) or a zero-argument
-factory returning one. All models go through :func:`load_model`.
+factory returning one.
 
 Errors a user can make print one line, ``fastddim: error: ...``, and exit with 2 (bad command
-line) or 1 (a problem found while running). ``FASTDDIM_DEBUG=1`` shows the traceback instead.
+line) or 1 (a problem found while running); 130 after Ctrl-C. ``FASTDDIM_DEBUG=1`` shows the
+traceback instead.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
+
+from .checks import check_device, check_eta, check_float, check_int, check_seed
+from .paths import output_file, output_folder
+from .plan import SPACINGS
+from .pretrained import load_model  # noqa: F401  (fastddim.cli.load_model: the name used before it moved)
 
 PROG = "fastddim"
 DEBUG_ENV = "FASTDDIM_DEBUG"
-SPACINGS = ("uniform", "quad", "leading", "trailing", "linspace")
 DTYPES = ("float32", "bfloat16", "float16")
+_FMT = argparse.RawDescriptionHelpFormatter
 
 
 class CliError(Exception):
@@ -48,148 +57,64 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------ value types
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _typed(check: Callable, parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` the string (failing: "expected WHAT"), then the library's ``check``."""
+
+    def convert(s: str):
+        try:
+            v = parse(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        try:
+            return check(v)
+        except (TypeError, ValueError) as e:  # argparse names the option; the check's name is left out
+            raise argparse.ArgumentTypeError(str(e).lstrip(": ")) from None
+
+    return convert
 
 
-def _seed(s: str) -> int:
-    try:
-        v = int(s, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}") from None
-    if not 0 <= v < 2**64:
-        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**64), got {v}")
-    return v
+def _int_type(lo: int, hi: int | None = None):
+    return _typed(lambda v: check_int("", v, lo, hi), lambda s: int(s, 0), "an integer")
 
 
-def _eta(s: str) -> float | str:
-    if s == "sigma_hat":
-        return s
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'sigma_hat', got {s!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 or 'sigma_hat', got {s!r}")
-    return v
+def _float_type(lo: float | None = None, hi: float | None = None):
+    return _typed(lambda v: check_float("", v, lo, hi), float, "a number")
 
 
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
-    return v
+_positive_int = _int_type(1)
+_nonneg_int = _int_type(0)
+_nonneg_float = _float_type(0)
+_seed = _typed(check_seed, lambda s: int(s, 0), "an integer seed")
+_eta = _typed(check_eta, lambda s: s if s == "sigma_hat" else float(s), "a number >= 0 or 'sigma_hat'")
+_device = _typed(lambda d: check_device("", d), str, "a device")
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+# ------------------------------------------------------------------------------ shared helpers
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
 
 
-# ----------------------------------------------------------------------------- model loading
-def load_model(spec: str | None, device: str | None = None):
-    """The model a ``--model`` value names, on ``device`` (default: CUDA if available, else CPU).
+def _fmt_rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:.1f} images/s" if seconds > 0 else "inf images/s"
 
-    ``spec``:
-      - None or a packaged name (``"mnist"``): ``fastddim.pretrained.pretrained(name)``;
-      - an existing file: a checkpoint written by ``fastddim train`` (``pretrained(path)``);
-      - ``module:attr`` or ``path/to/file.py:attr``: the object ``attr``; if it is a
-        ``torch.nn.Module`` or has ``sample_shape`` it is the model, otherwise it is called with
-        no arguments and must return one. The model needs ``sample_shape`` and ``schedule``.
-    Modules are put in eval mode and moved to ``device``.
-    """
+
+def _load(args, device=None):
+    """(model, device, backend) for a sampling command: the ``--model`` on the device (default
+    ``--device``) with its weights in ``--dtype``, and the ``--backend`` resolved there."""
     import torch
 
-    dev = _device(device)
-    if spec is not None and not os.path.exists(spec) and ":" in spec:
-        model = _import_model(spec)
-        if isinstance(model, torch.nn.Module):
-            model = model.eval().to(dev)
-        return model
-    if spec is not None and not os.path.exists(spec) and (os.sep in spec or "." in os.path.basename(spec)):
-        raise CliError(f"model file not found: {spec}")
+    from .dispatch import resolve_backend
+
+    dev = check_device("--device", device if device is not None else args.device)
+    model = load_model(args.model, dev)
+    if args.dtype != "float32" and isinstance(model, torch.nn.Module):
+        model = model.to(getattr(torch, args.dtype))  # the state x_t stays float32
     try:
-        from .pretrained import pretrained
-    except ImportError as e:
-        raise CliError(f"the packaged models need fastddim.pretrained, which failed to import ({e})") from None
-    name = spec or "mnist"
-    try:
-        return pretrained(name, device=dev)
-    except (ValueError, OSError) as e:
-        raise CliError(f"cannot load model {name!r}: {_one_line(e)}") from None
-    except Exception as e:  # a damaged file can fail deep inside a reader
-        if os.environ.get(DEBUG_ENV) == "1":
-            raise
-        raise CliError(f"cannot load model {name!r}: {type(e).__name__}: {_one_line(e)}") from None
-
-
-def _import_model(spec: str):
-    target, _, attr = spec.rpartition(":")
-    if not target or not attr:
-        raise CliError(f"--model {spec!r}: expected module:attr or path/to/file.py:attr")
-    try:
-        if target.endswith(".py"):
-            if not os.path.isfile(target):
-                raise CliError(f"model file not found: {target}")
-            name = "_fastddim_user_model_" + os.path.splitext(os.path.basename(target))[0]
-            sp = importlib.util.spec_from_file_location(name, target)
-            mod = importlib.util.module_from_spec(sp)
-            sys.modules[name] = mod
-            sp.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(target)
-    except CliError:
-        raise
-    except ImportError as e:
-        raise CliError(f"--model {spec!r}: cannot import {target!r} ({e})") from None
-    except Exception as e:
-        if os.environ.get(DEBUG_ENV) == "1":
-            raise
-        raise CliError(f"--model {spec!r}: importing {target!r} failed: {type(e).__name__}: {_one_line(e)}") from None
-    obj = mod
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise CliError(f"--model {spec!r}: {target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    import torch
-
-    if not isinstance(obj, torch.nn.Module) and not hasattr(obj, "sample_shape"):
-        if not callable(obj):
-            raise CliError(f"--model {spec!r}: {attr!r} is neither a model nor a factory")
-        obj = obj()
-    if not hasattr(obj, "sample_shape") or not hasattr(obj, "schedule"):
-        raise CliError(f"--model {spec!r}: the model needs 'sample_shape' and 'schedule' attributes")
-    return obj
-
-
-def _device(device: str | None):
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CliError(f"--device: not a device: {device!r} (use cpu, cuda or cuda:N)", 2) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise CliError(f"--device: {dev.type!r} is not supported (use cpu or cuda)", 2)
-    return dev
+        backend = resolve_backend(args.backend, dev)
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+    return model, dev, backend
 
 
 def _dtype(name: str):
@@ -198,50 +123,41 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-def _prepare(model, dtype: str):
-    """Cast a module's weights to the sampling dtype (the state x_t stays float32)."""
+def _timed(dev, fn: Callable):
+    """(fn(), seconds), the device's queued work included."""
     import torch
 
-    if dtype != "float32" and isinstance(model, torch.nn.Module):
-        model = model.to(_dtype(dtype))
-    return model
+    t0 = time.perf_counter()
+    out = fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return out, time.perf_counter() - t0
 
 
-def _check_backend(backend: str, device) -> str:
-    from .dispatch import resolve_backend
-
-    try:
-        return resolve_backend(backend, device)
-    except RuntimeError as e:
-        raise CliError(str(e)) from None
-
-
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
+def _image_output(path: str, arg: str = "-o") -> str:
+    """An image output: a folder (ending in '/' or existing) or a .png / .npz file; checked now."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        return output_folder(path, arg)
+    if os.path.splitext(path)[1].lower() not in (".png", ".npz"):
+        raise CliError(f"{arg} {path!r}: use a .png (grid), .npz, or a folder (ending in '/')", 2)
+    return output_file(path, arg)
 
 
-def _model_device(model):
-    import torch
-
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            return p.device
-    return None
-
-
-# ------------------------------------------------------------------------------ subcommands
-def _common(p: argparse.ArgumentParser, *, steps_default: int = 10, sampling: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, *, steps_default: int = 10, latents: bool = False) -> None:
+    """The options every sampling command has. ``latents``: --steps and --spacing default to what
+    a --latents file records (None here, resolved by the command)."""
+    also = ", or what --latents records" if latents else ""
     p.add_argument("--model", metavar="NAME|PATH|MODULE:ATTR", default=None,
                    help="packaged model name (default: mnist), a checkpoint from 'fastddim train', "
                         "or module:attr / file.py:attr naming a model or a factory")
-    p.add_argument("--steps", "-S", type=_positive_int, default=steps_default,
-                   help=f"number of DDIM steps S = model calls per image (default {steps_default})")
-    p.add_argument("--spacing", choices=SPACINGS, default="uniform",
-                   help="which timesteps the S steps visit (default uniform; the paper's CIFAR-10 numbers use quad)")
+    p.add_argument("--steps", "-S", type=_positive_int, default=None if latents else steps_default,
+                   help=f"number of DDIM steps S = model calls per image (default {steps_default}{also})")
+    p.add_argument("--spacing", choices=SPACINGS, default=None if latents else "uniform",
+                   help=f"which timesteps the S steps visit (default uniform{also}; the paper's CIFAR-10 numbers "
+                        "use quad)")
     p.add_argument("--batch-size", "-b", type=_positive_int, default=None,
                    help="images per model call (results do not depend on it)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype of the model's weights and input (the state stays float32; default float32)")
     p.add_argument("--backend", default="auto",
@@ -250,246 +166,109 @@ def _common(p: argparse.ArgumentParser, *, steps_default: int = 10, sampling: bo
                    help="show a progress bar (default: when stderr is a terminal)")
 
 
-def _fmt_rate(n: int, seconds: float) -> str:
-    return f"{n / seconds:.1f} images/s" if seconds > 0 else "inf images/s"
+def _add_labels(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--class-label", type=_nonneg_int, default=None, metavar="K",
+                   help="for a class-conditional model: label K for every image, passed as "
+                        "model(x, t, class_labels=...)")
+    g.add_argument("--classes", type=_positive_int, default=None, metavar="C",
+                   help="for a class-conditional model: spread the images over C classes, image i (its global "
+                        "index) gets label i %% C")
 
 
-def cmd_sample(args) -> int:
-    import torch
-
-    import fastddim
-    from .images import save_images, to_uint8
-
-    dev = _device(args.device)
-    x_T = None
-    if args.latents is not None:
-        x_T = _load_latents(args.latents)
-    model = _prepare(load_model(args.model, dev), args.dtype)
-    dev = _model_device(model) or dev
-    backend = _check_backend(args.backend, dev)
-    n = args.n if x_T is None else x_T.shape[0]
-    if x_T is not None and args.n is not None and args.n != n:
-        raise CliError(f"-n {args.n} does not match the {n} latents in {args.latents}", 2)
-    n = n or 64
-    _check_output_path(args.output)
-    t0 = time.perf_counter()
-    x = fastddim.sample(
-        model, n=n, steps=args.steps, eta=args.eta, spacing=args.spacing, seed=args.seed,
-        x_T=x_T, batch_size=args.batch_size, device=dev, dtype=_dtype(args.dtype),
-        progress=args.progress, backend=backend, first_index=args.first_index,
-    )
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
-    what = save_images(args.output, to_uint8(x), nrow=args.nrow, first_index=args.first_index)
-    ran = fastddim.info()["last_run"].get("backend", backend)
-    print(f"{n} images in {seconds:.2f} s: {_fmt_rate(n, seconds)} ({ran} backend, {dev}, S={args.steps})")
-    print(f"wrote {what}")
-    return 0
-
-
-def _check_output_path(path: str) -> None:
-    if path.endswith(("/", os.sep)) or os.path.isdir(path):
-        return
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".png", ".npz"):
-        raise CliError(f"-o {path!r}: use a .png (grid), .npz, or a folder (ending in '/')", 2)
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise CliError(f"-o {path!r}: folder {d} does not exist")
-
-
-def _load_latents(path: str):
-    import numpy as np
-    import torch
-
-    if not os.path.isfile(path):
-        raise CliError(f"latents file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            key = "latents" if "latents" in z.files else "arr_0"
-            a = z[key]
-    except Exception as e:
-        raise CliError(f"cannot read latents from {path}: {_one_line(e)}") from None
-    if a.ndim < 2 or a.dtype.kind != "f":
-        raise CliError(f"{path}: latents must be a float array (n, C, H, W), got {a.dtype} {a.shape}")
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
-def cmd_invert(args) -> int:
-    import numpy as np
-    import torch
-
-    import fastddim
-    from .images import from_uint8, load_images, save_npz
-
-    dev = _device(args.device)
-    _check_backend(args.backend, dev)
-    model = _prepare(load_model(args.model, dev), args.dtype)
-    dev = _model_device(model) or dev
-    shape = tuple(model.sample_shape)
-    imgs = load_images(args.input, channels=shape[0])
-    x0 = from_uint8(imgs)
-    if tuple(x0.shape[1:]) != shape:
-        raise CliError(f"input images are {tuple(x0.shape[1:])} (C, H, W); the model takes {shape}")
-    if not args.output.lower().endswith(".npz"):
-        raise CliError(f"-o {args.output!r}: latents are written as .npz", 2)
-    t0 = time.perf_counter()
-    z = fastddim.invert(
-        model, x0, steps=args.steps, spacing=args.spacing, batch_size=args.batch_size, device=dev,
-        dtype=_dtype(args.dtype), progress=args.progress, convention=args.convention, refine=args.refine,
-    )
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
-    save_npz(args.output, arr_0=z.cpu().numpy(), steps=np.int64(args.steps), spacing=np.str_(args.spacing),
-             convention=np.str_(args.convention), refine=np.int64(args.refine), model=np.str_(args.model or "mnist"))
-    n = x0.shape[0]
-    print(f"{n} images inverted in {seconds:.2f} s: {_fmt_rate(n, seconds)} ({dev}, S={args.steps}, "
-          f"refine={args.refine}: {args.steps * (1 + args.refine)} model calls per image)")
-    print(f"wrote {args.output} (arr_0: float32 latents {tuple(z.shape)}; decode with "
-          f"'fastddim sample --latents {args.output} --steps {args.steps} --spacing {args.spacing}')")
-    return 0
-
-
-def cmd_interpolate(args) -> int:
-    import torch
-
-    import fastddim
-    from .images import save_images, to_uint8
-    from .noise import normal
-
-    dev = _device(args.device)
-    backend = _check_backend(args.backend, dev)
-    model = _prepare(load_model(args.model, dev), args.dtype)
-    dev = _model_device(model) or dev
-    shape = tuple(model.sample_shape)
-    # The endpoints are exactly the x_T that 'fastddim sample --seed A --first-index I' draws.
-    z0 = normal(args.seed, args.index, 1, 0, shape)[0]
-    z1 = normal(args.seed2, args.index2 if args.index2 is not None else args.index, 1, 0, shape)[0]
-    _check_output_path(args.output)
-    t0 = time.perf_counter()
-    x = fastddim.interpolate(
-        model, z0, z1, num=args.num, steps=args.steps, spacing=args.spacing, batch_size=args.batch_size,
-        device=dev, dtype=_dtype(args.dtype), progress=args.progress, backend=backend,
-    )
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
-    what = save_images(args.output, to_uint8(x), nrow=args.num)
-    print(f"{args.num} images in {seconds:.2f} s: {_fmt_rate(args.num, seconds)} ({dev}, S={args.steps})")
-    print(f"wrote {what}")
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from .generate import StoppedForTest, generate, init_distributed
-
-    try:
-        rank, world, dev = init_distributed(args.device)
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    model = _prepare(load_model(args.model, dev), args.dtype)
-    backend = _check_backend(args.backend, dev)
-    try:
-        m = generate(
-            model, args.n, args.steps, args.out, eta=args.eta, spacing=args.spacing, seed=args.seed,
-            batch_size=args.batch_size, shard_size=args.shard_size, device=dev, dtype=_dtype(args.dtype),
-            backend=backend, model_name=args.model or "mnist", progress=args.progress,
-        )
-    except StoppedForTest as e:
-        raise CliError(str(e), 3) from None
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0 and m is not None:
-        run = m.get("last_run") or {}
-        made, secs = run.get("images_made"), run.get("seconds")
-        if made is not None and secs:
-            print(f"made {made} images in {secs:.1f} s on {world} process(es): {_fmt_rate(made, secs)}")
-        print(f"wrote {os.path.join(args.out, 'samples.npz')} ({m['n']} images, arr_0 uint8 NHWC) "
-              f"and {os.path.join(args.out, 'manifest.json')}")
-    return 0
-
-
-def cmd_train(args) -> int:
-    try:
-        from .train import train
-    except ImportError as e:
-        raise CliError(f"training is unavailable: {e}") from None
-    model: Any = args.model
-    if model.endswith(".json"):
-        import json
-
-        if not os.path.isfile(model):
-            raise CliError(f"model config file not found: {model}")
-        try:
-            with open(model) as f:
-                model = json.load(f)
-        except ValueError as e:
-            raise CliError(f"{args.model}: not valid JSON ({e})") from None
-    if args.device is not None:
-        _device(args.device)
-    summary = train(
-        model=model, data="mnist", schedule=args.schedule, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
-        grad_clip=args.grad_clip, seed=args.seed, out=args.out, save_every=args.save_every,
-        resume=args.resume, log_file=args.log_file, log_every=args.log_every, device=args.device,
-        threads=args.threads, progress=args.progress if args.progress is not None else sys.stderr.isatty(),
-    )
-    print(f"step {summary['step']}: loss {summary['loss']:.4f}, {summary['images_per_s']:.1f} images/s, "
-          f"{summary['seconds']:.0f} s; wrote {summary['path']}")
-    return 0
-
-
-# ------------------------------------------------------------------------------ the parser
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(
-        prog=PROG, formatter_class=fmt,
-        description="Fast DDIM sampling (Song et al. 2021) for trained diffusion models.",
-        epilog="examples:\n"
-               "  fastddim sample -n 64 --steps 10 -o samples.png\n"
-               "  fastddim generate --n 50000 --steps 10 --out run/\n"
-               "  fastddim <command> --help\n\n"
-               "FASTDDIM_DEBUG=1 shows tracebacks instead of one-line errors.",
-    )
-    from . import __version__
-
-    parser.add_argument("--version", action="version", version=f"fastddim {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
+# ---------------------------------------------------------------------------------- sample
+def _add_sample(sub) -> None:
     p = sub.add_parser(
-        "sample", help="draw images and write a PNG grid, an .npz or a folder of PNGs", formatter_class=fmt,
+        "sample", help="draw images and write a PNG grid, an .npz or a folder of PNGs", formatter_class=_FMT,
         description="Draw n images with DDIM from the model and write them.",
         epilog="examples:\n"
                "  fastddim sample -n 64 --steps 10 -o samples.png          # 8x8 grid\n"
                "  fastddim sample -n 1000 --steps 50 --eta 1 -o out.npz     # arr_0: uint8 (n, H, W, C)\n"
                "  fastddim sample -n 16 -o pngs/                            # 000000.png ... 000015.png\n"
                "  fastddim sample --model ckpt.safetensors --spacing quad -o q.png\n"
-               "  fastddim sample --latents latents.npz --steps 50 -o recon.png   # decode 'fastddim invert' output\n\n"
-               "Image i depends only on (seed, i): -n, --batch-size and --first-index do not change it.",
+               "  fastddim sample --latents latents.npz -o recon.png   # decode 'fastddim invert' output\n"
+               "  fastddim sample --model my.py:cond --classes 10 -n 100 -o grid.png   # image i: label i % 10\n\n"
+               "Image i depends only on (seed, i): -n, --batch-size and --first-index do not change it.\n"
+               "Missing folders of -o are made.",
     )
-    p.add_argument("-n", type=_positive_int, default=None, help="number of images (default 64)")
+    p.add_argument("-n", type=_positive_int, default=None, help="number of images (default 64, or all --latents)")
     p.add_argument("-o", "--output", default="samples.png", help=".png grid, .npz, or a folder/ (default samples.png)")
     p.add_argument("--eta", type=_eta, default=0.0, help="0 = DDIM (default), 1 = DDPM, or sigma_hat")
     p.add_argument("--seed", type=_seed, default=0, help="noise seed (default 0)")
     p.add_argument("--first-index", type=_nonneg_int, default=0, help="global index of the first image (default 0)")
-    p.add_argument("--latents", default=None, metavar="NPZ", help="decode these x_T (from 'fastddim invert') instead of noise")
+    p.add_argument("--latents", default=None, metavar="NPZ",
+                   help="decode these x_T (from 'fastddim invert') instead of noise, with the steps and spacing "
+                        "the file records unless given")
     p.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default ceil(sqrt(n)))")
-    _common(p)
+    _add_labels(p)
+    _common(p, latents=True)
     p.set_defaults(func=cmd_sample)
 
+
+def cmd_sample(args) -> int:
+    import fastddim
+
+    from .generate import sample_range
+    from .images import save_images, to_uint8
+
+    _image_output(args.output)
+    x_T, steps, spacing = None, args.steps or 10, args.spacing or "uniform"
+    if args.latents is not None:
+        x_T, steps, spacing = _load_latents(args.latents, args.steps, args.spacing)
+        if args.n is not None and args.n != x_T.shape[0]:
+            raise CliError(f"-n {args.n} does not match the {x_T.shape[0]} latents in {args.latents}", 2)
+    n = x_T.shape[0] if x_T is not None else args.n or 64
+    model, dev, backend = _load(args)
+    x, seconds = _timed(dev, lambda: sample_range(
+        model, args.first_index, args.first_index + n, args.batch_size, class_label=args.class_label,
+        classes=args.classes, x_T=x_T, steps=steps, eta=args.eta, spacing=spacing, seed=args.seed, device=dev,
+        dtype=_dtype(args.dtype), progress=args.progress, backend=backend,
+    ))
+    what = save_images(args.output, to_uint8(x), nrow=args.nrow, first_index=args.first_index)
+    ran = fastddim.info()["last_run"].get("backend", backend)
+    print(f"{n} images in {seconds:.2f} s: {_fmt_rate(n, seconds)} ({ran} backend, {dev}, S={steps})")
+    print(f"wrote {what}")
+    return 0
+
+
+def _load_latents(path: str, steps: int | None, spacing: str | None):
+    """(x_T, steps, spacing) from a latents file: the steps and spacing it records are used
+    unless given, and a given value that differs is refused."""
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    if not os.path.isfile(path):
+        raise CliError(f"latents file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise CliError(f"cannot read latents from {path}: not an .npz file (write latents with 'fastddim invert')")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = z["latents" if "latents" in z.files else "arr_0"]
+            rec = {k: z[k].item() for k in ("steps", "spacing") if k in z.files and z[k].ndim == 0}
+    except Exception as e:  # a damaged zip, a missing arr_0, an object array...
+        raise CliError(f"cannot read latents from {path}: not a float array arr_0 ({type(e).__name__})") from None
+    if a.ndim < 2 or a.dtype.kind != "f":
+        raise CliError(f"{path}: latents must be a float array (n, C, H, W), got {a.dtype} {a.shape}")
+    for opt, given, key in (("--steps", steps, "steps"), ("--spacing", spacing, "spacing")):
+        if given is not None and key in rec and given != rec[key]:
+            raise CliError(f"{opt} {given} conflicts with {path}, which was inverted with {key} {rec[key]}; "
+                           f"leave {opt} out to decode with it", 2)
+    steps = steps or int(rec.get("steps", 10))
+    spacing = spacing or str(rec.get("spacing", "uniform"))
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), steps, spacing
+
+
+# ---------------------------------------------------------------------------------- invert
+def _add_invert(sub) -> None:
     p = sub.add_parser(
-        "invert", help="encode images to latents x_T with the DDIM ODE (paper sec. 5.4)", formatter_class=fmt,
+        "invert", help="encode images to latents x_T with the DDIM ODE (paper sec. 5.4)", formatter_class=_FMT,
         description="Encode images to latents by running the deterministic DDIM step forward in time.",
         epilog="examples:\n"
                "  fastddim invert -i digit.png --steps 50 -o latents.npz\n"
                "  fastddim invert -i samples.npz --steps 100 -o latents.npz   # arr_0: uint8 (n, H, W, C)\n"
-               "  fastddim sample --latents latents.npz --steps 100 -o recon.png\n"
+               "  fastddim sample --latents latents.npz -o recon.png          # decodes with the same steps/spacing\n"
                "  fastddim invert -i digit.png --steps 10 --refine 1 -o latents.npz   # near-exact round trip at S = 10\n\n"
                "Images must match the model's shape; latents are written as arr_0 float32 (n, C, H, W).",
     )
@@ -504,9 +283,43 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, steps_default=50)
     p.set_defaults(func=cmd_invert)
 
+
+def cmd_invert(args) -> int:
+    import numpy as np
+    import torch
+
+    import fastddim
+
+    from .images import from_uint8, load_images, save_npz
+
+    if not args.output.lower().endswith(".npz"):
+        raise CliError(f"-o {args.output!r}: latents are written as .npz", 2)
+    output_file(args.output, "-o")
+    model, dev, _ = _load(args)
+    shape = tuple(model.sample_shape)
+    x0 = from_uint8(load_images(args.input, channels=shape[0]))
+    if tuple(x0.shape[1:]) != shape:
+        raise CliError(f"input images are {tuple(x0.shape[1:])} (C, H, W); the model takes {shape}")
+    z, seconds = _timed(dev, lambda: fastddim.invert(
+        model, x0, steps=args.steps, spacing=args.spacing, batch_size=args.batch_size, device=dev,
+        dtype=_dtype(args.dtype), progress=args.progress, convention=args.convention, refine=args.refine,
+    ))
+    save_npz(args.output, arr_0=z.cpu().numpy(), steps=np.int64(args.steps), spacing=np.str_(args.spacing),
+             convention=np.str_(args.convention), refine=np.int64(args.refine), model=np.str_(args.model or "mnist"))
+    n = x0.shape[0]
+    print(f"{n} images inverted in {seconds:.2f} s: {_fmt_rate(n, seconds)} ({dev}, S={args.steps}, "
+          f"refine={args.refine}: {args.steps * (1 + args.refine)} model calls per image)")
+    print(f"wrote {args.output} (arr_0: float32 latents {tuple(z.shape)}; decode with "
+          f"'fastddim sample --latents {args.output}', which uses the recorded --steps {args.steps} "
+          f"--spacing {args.spacing})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- interpolate
+def _add_interpolate(sub) -> None:
     p = sub.add_parser(
         "interpolate", help="decode a spherical interpolation between two noise seeds (paper fig. 6)",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Slerp between the x_T of two seeds and decode each point with DDIM (eta = 0).",
         epilog="examples:\n"
                "  fastddim interpolate --seed 1 --seed2 2 --num 11 --steps 50 -o path.png\n"
@@ -517,64 +330,217 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed2", type=_seed, default=1, help="seed of the second endpoint (default 1)")
     p.add_argument("--index", type=_nonneg_int, default=0, help="sample index of the first endpoint (default 0)")
     p.add_argument("--index2", type=_nonneg_int, default=None, help="sample index of the second endpoint (default: --index)")
-    p.add_argument("--num", type=_positive_int, default=11, help="number of images, endpoints included (default 11)")
+    p.add_argument("--num", type=_int_type(2), default=11, help="number of images, both endpoints included, >= 2 (default 11)")
     p.add_argument("-o", "--output", default="interpolation.png", help=".png (one row), .npz or folder/")
     _common(p, steps_default=50)
     p.set_defaults(func=cmd_interpolate)
 
+
+def cmd_interpolate(args) -> int:
+    import torch
+
+    import fastddim
+
+    from .images import save_images, to_uint8
+    from .noise import normal
+
+    _image_output(args.output)
+    model, dev, backend = _load(args)
+    shape = tuple(model.sample_shape)
+    # The endpoints are exactly the x_T that 'fastddim sample --seed A --first-index I' draws.
+    z0 = normal(args.seed, args.index, 1, 0, shape)[0]
+    z1 = normal(args.seed2, args.index2 if args.index2 is not None else args.index, 1, 0, shape)[0]
+    x, seconds = _timed(dev, lambda: fastddim.interpolate(
+        model, z0, z1, num=args.num, steps=args.steps, spacing=args.spacing, batch_size=args.batch_size,
+        device=dev, dtype=_dtype(args.dtype), progress=args.progress, backend=backend,
+    ))
+    what = save_images(args.output, to_uint8(x), nrow=args.num)
+    print(f"{args.num} images in {seconds:.2f} s: {_fmt_rate(args.num, seconds)} ({dev}, S={args.steps})")
+    print(f"wrote {what}")
+    return 0
+
+
+# -------------------------------------------------------------------------------- generate
+def _add_generate(sub) -> None:
+    from .shards import DEFAULT_SHARD_SIZE
+
     p = sub.add_parser(
         "generate", help="make many images (e.g. 50k for FID), resumable, one process or torchrun",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Make n images into a folder: shards/shard-NNNNN.npz as they finish, then samples.npz "
                     "(arr_0 uint8 (n, H, W, C)) and manifest.json. Re-run the same command to resume.",
         epilog="examples:\n"
                "  fastddim generate --n 50000 --steps 10 --out run/\n"
                "  torchrun --nproc_per_node=8 -m fastddim generate -n 50000 --steps 10 --out run/\n"
-               "  fastddim generate --n 50000 --steps 100 --spacing quad --model ckpt.safetensors --out q100/\n\n"
+               "  fastddim generate --n 50000 --steps 100 --spacing quad --model ckpt.safetensors --out q100/\n"
+               "  fastddim generate -n 10000 --model my.py:cond --classes 10 --out cond/   # 1,000 per class\n\n"
                "The result is byte-identical for any number of processes, batch size and interruptions\n"
-               "on one device type. A folder holding another configuration is refused.",
+               "on one device type (on the CPU each process runs --threads torch threads, default 1).\n"
+               "A folder holding another configuration is refused.",
     )
     p.add_argument("-n", "--n", "--num-samples", dest="n", type=_positive_int, required=True,
                    help="number of images (under torchrun write -n or --num-samples: torchrun's own "
                         "parser takes --n for an abbreviation of its options)")
-    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--out", "-o", required=True, help="output folder (made if missing)")
     p.add_argument("--eta", type=_eta, default=0.0, help="0 = DDIM (default), 1 = DDPM, or sigma_hat")
     p.add_argument("--seed", type=_seed, default=0, help="noise seed (default 0)")
-    p.add_argument("--shard-size", type=_positive_int, default=None,
-                   help="images per shard file (default 1024); part of the configuration")
+    p.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE,
+                   help=f"images per shard file (default {DEFAULT_SHARD_SIZE}); part of the configuration")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads per process (default 1); part of the configuration, so the bytes "
+                        "do not depend on the number of processes")
+    _add_labels(p)
     _common(p)
     p.set_defaults(func=cmd_generate)
 
+
+def cmd_generate(args) -> int:
+    from .generate import StoppedForTest, generate, init_distributed
+
+    output_folder(args.out, "--out")
+    try:
+        rank, world, dev = init_distributed(args.device)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    model, dev, backend = _load(args, dev)
+    try:
+        m = generate(
+            model, args.n, args.steps, args.out, eta=args.eta, spacing=args.spacing, seed=args.seed,
+            batch_size=args.batch_size, shard_size=args.shard_size, device=dev,
+            dtype=_dtype(args.dtype), backend=backend, model_name=args.model or "mnist",
+            progress=args.progress, threads=args.threads, class_label=args.class_label, classes=args.classes,
+        )
+    except StoppedForTest as e:
+        raise CliError(str(e), 3) from None
+    except KeyboardInterrupt:
+        raise CliError(f"interrupted; the finished shards in {args.out} are kept: run the same command again "
+                       "to resume", 130) from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0 and m is not None:
+        made, secs = m["this_call"]["images_made"], m["this_call"]["seconds"]
+        if made and secs:
+            print(f"made {made} images in {secs:.1f} s on {world} process(es): {_fmt_rate(made, secs)}")
+        elif not made:
+            print(f"nothing to make: every shard in {args.out} was already there")
+        print(f"wrote {os.path.join(args.out, 'samples.npz')} ({m['n']} images, arr_0 uint8 NHWC) "
+              f"and {os.path.join(args.out, 'manifest.json')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- train
+def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a U-Net on MNIST (DDPM loss) and write a checkpoint", formatter_class=fmt,
-        description="Train an eps-prediction U-Net with the DDPM objective; the checkpoint works with --model.",
+        "train", help="train a U-Net on MNIST (DDPM loss) and write a checkpoint", formatter_class=_FMT,
+        description="Train an eps-prediction U-Net on the 4,000 MNIST training digits (1x32x32) with the DDPM "
+                    "objective; the checkpoint works with --model.",
         epilog="examples:\n"
                "  fastddim train --steps 4000 --out mnist.safetensors --log-file train.log\n"
                "  fastddim train --steps 8000 --out mnist.safetensors --resume     # continue to 8000\n"
-               "  fastddim sample --model mnist.safetensors -n 64 -o samples.png",
+               "  fastddim train --steps 4000 --out mnist.safetensors --overwrite  # start over, replacing it\n"
+               "  fastddim sample --model mnist.safetensors -n 64 -o samples.png\n\n"
+               "An existing --out is never replaced without --resume or --overwrite. After Ctrl-C,\n"
+               "--resume continues from the last checkpoint (written every --save-every steps).",
     )
-    p.add_argument("--model", default="mnist", help="U-Net preset (mnist, cifar10) or a UNetConfig .json file")
+    p.add_argument("--model", default="mnist",
+                   help="U-Net preset 'mnist' or a UNetConfig .json file with in_channels 1 and resolution 32 "
+                        "(the data is MNIST; the 3-channel 'cifar10' preset needs other data: use the Python API)")
     p.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="linear",
                    help="noise schedule (default linear, T=1000)")
-    p.add_argument("--steps", type=_nonneg_int, default=4000, help="total optimizer steps (default 4000)")
+    p.add_argument("--steps", type=_positive_int, default=4000, help="total optimizer steps (default 4000)")
     p.add_argument("--batch-size", "-b", type=_positive_int, default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=_nonneg_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--warmup", type=_nonneg_int, default=100, help="linear warm-up steps (default 100)")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--ema-decay", type=_nonneg_float, default=0.999, help="EMA decay (default 0.999)")
+    p.add_argument("--ema-decay", type=_float_type(0, 1), default=0.999, help="EMA decay in [0, 1] (default 0.999)")
     p.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="max gradient norm, 0 = off (default 1)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of init, batches and noise (default 0)")
-    p.add_argument("--out", "-o", default="checkpoint.safetensors", help="checkpoint path (default checkpoint.safetensors)")
+    p.add_argument("--out", "-o", default="checkpoint.safetensors",
+                   help="checkpoint path, missing folders made (default checkpoint.safetensors)")
     p.add_argument("--save-every", type=_positive_int, default=500, help="write the checkpoint every N steps (default 500)")
-    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    g.add_argument("--overwrite", action="store_true", help="start over, replacing an existing --out")
     p.add_argument("--log-file", default=None, help="append step, loss, images/s, elapsed every --log-every steps")
     p.add_argument("--log-every", type=_positive_int, default=50, help="(default 50)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     p.set_defaults(func=cmd_train)
 
+
+def cmd_train(args) -> int:
+    try:
+        from .train import TrainingInterrupted, train
+    except ImportError as e:
+        raise CliError(f"training is unavailable: {e}") from None
+    output_file(args.out, "--out")
+    if args.log_file is not None:
+        output_file(args.log_file, "--log-file")
+    if os.path.exists(args.out) and not (args.resume or args.overwrite):
+        raise CliError(f"--out {args.out} exists: add --resume to continue training it, or --overwrite to start "
+                       "over and replace it")
+    try:
+        summary = train(
+            model=_train_model(args.model), data="mnist", schedule=args.schedule, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+            ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed, out=args.out,
+            save_every=args.save_every, resume=args.resume, overwrite=args.overwrite, log_file=args.log_file,
+            log_every=args.log_every, device=args.device, threads=args.threads,
+            progress=args.progress if args.progress is not None else sys.stderr.isatty(),
+        )
+    except TrainingInterrupted as e:
+        if e.saved_step is None:
+            raise CliError(f"interrupted at step {e.step}, before the first checkpoint (--save-every "
+                           f"{args.save_every}): nothing was saved; run the command again to start over", 130) from None
+        raise CliError(f"interrupted at step {e.step}; {e.path} holds step {e.saved_step}: run the same command "
+                       "with --resume to continue from there", 130) from None
+    if summary["already_done"]:
+        print(f"{summary['path']} is already at step {summary['step']} (--steps {args.steps}): nothing to do")
+        return 0
+    print(f"step {summary['step']}: loss {summary['loss']:.4f}, {summary['images_per_s']:.1f} images/s, "
+          f"{summary['seconds']:.0f} s; wrote {summary['path']}")
+    return 0
+
+
+def _train_model(spec: str):
+    """--model of train: a preset name, or a UNetConfig read from a .json file."""
+    if not spec.endswith(".json"):
+        return spec
+    import json
+
+    if not os.path.isfile(spec):
+        raise CliError(f"model config file not found: {spec}")
+    try:
+        with open(spec) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CliError(f"{spec}: not valid JSON ({e})") from None
+
+
+# ------------------------------------------------------------------------------ the parser
+def build_parser() -> argparse.ArgumentParser:
+    fmt = _FMT
+    parser = _Parser(
+        prog=PROG, formatter_class=fmt,
+        description="Fast DDIM sampling (Song et al. 2021) for trained diffusion models.",
+        epilog="examples:\n"
+               "  fastddim sample -n 64 --steps 10 -o samples.png\n"
+               "  fastddim generate --n 50000 --steps 10 --out run/\n"
+               "  fastddim <command> --help\n\n"
+               "FASTDDIM_DEBUG=1 shows tracebacks instead of one-line errors.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastddim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in (_add_sample, _add_invert, _add_interpolate, _add_generate, _add_train):
+        add(sub)
     _add_eval(sub)
     return parser
 
@@ -665,14 +631,9 @@ def cmd_eval(args) -> int:
 
 # ------------------------------------------------------------------------------ entry point
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 runtime error, 2 usage error)."""
+    """Run the CLI; returns the exit status (0 ok, 1 runtime error, 2 usage error, 130 Ctrl-C)."""
     debug = os.environ.get(DEBUG_ENV) == "1"
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "generate" and args.shard_size is None:
-        from .generate import DEFAULT_SHARD_SIZE
-
-        args.shard_size = DEFAULT_SHARD_SIZE
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except CliError as e:

@@ -116,20 +116,24 @@ def class_labels(start: int, stop: int, *, class_label: int | None = None, class
     return None
 
 
-def sample_range(model: Callable, start: int, stop: int, batch_size: int, *, class_label: int | None = None,
-                 classes: int | None = None, x_T: torch.Tensor | None = None, **sample_kwargs) -> torch.Tensor:
-    """``fastddim.sample`` of images start .. stop - 1 (x_T: their initial noise, optional), the
-    model getting each batch's own ``class_labels`` when labels are asked for; (stop - start, *shape)."""
-    if class_label is None and classes is None:
-        return sample(model, n=stop - start, first_index=start, batch_size=batch_size, x_T=x_T, **sample_kwargs)
-    dev = sample_kwargs.get("device")
-    parts = []
-    for a in range(start, stop, batch_size):
-        b = min(stop, a + batch_size)
-        labels = class_labels(a, b, class_label=class_label, classes=classes, device=dev)
-        parts.append(sample(model, n=b - a, first_index=a, batch_size=b - a, model_kwargs={"class_labels": labels},
-                            x_T=None if x_T is None else x_T[a - start:b - start], **sample_kwargs))
-    return torch.cat(parts)
+def sample_range(model: Callable, start: int, stop: int, batch_size: int | None = None, *,
+                 class_label: int | None = None, classes: int | None = None, x_T: torch.Tensor | None = None,
+                 **sample_kwargs) -> torch.Tensor:
+    """``fastddim.sample`` of images start .. stop - 1 (x_T: their initial noise, optional), with
+    their ``class_labels`` when labels are asked for; returns (stop - start, *shape).
+
+    With a batch size, each batch is its own ``sample`` call given only its own labels, so this
+    holds whether or not ``fastddim.sample`` slices per-sample ``model_kwargs`` itself."""
+    def part(a: int, b: int, bs: int | None) -> torch.Tensor:
+        labels = class_labels(a, b, class_label=class_label, classes=classes, device=sample_kwargs.get("device"))
+        x = None if x_T is None else x_T[a - start:b - start]
+        return sample(model, n=b - a, first_index=a, batch_size=bs, x_T=x,
+                      model_kwargs=None if labels is None else {"class_labels": labels}, **sample_kwargs)
+
+    if (class_label is None and classes is None) or batch_size is None:
+        return part(start, stop, batch_size)
+    return torch.cat([part(a, min(stop, a + batch_size), min(stop, a + batch_size) - a)
+                      for a in range(start, stop, batch_size)])
 
 
 @contextlib.contextmanager

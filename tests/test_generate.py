@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 
 TINY_MODEL = '''
+import os
+
 import torch
 from fastddim import Schedule
+
+CALLS = [0]
 
 
 class Tiny(torch.nn.Module):
@@ -29,8 +33,45 @@ class Tiny(torch.nn.Module):
         self.temb = torch.nn.Linear(1, 3)
 
     def forward(self, x, t):
+        CALLS[0] += 1  # Ctrl-C at call k when TINY_CTRL_C_AT=k (the weights, hence the run's config, are unchanged)
+        if CALLS[0] == int(os.environ.get("TINY_CTRL_C_AT", "0")):
+            raise KeyboardInterrupt
         h = self.temb((t.float() / 1000)[:, None])[:, :, None, None]
         return 0.5 * torch.tanh(self.conv(x) + h)
+
+
+class Sensitive(Tiny):
+    """Tiny plus a term whose float32 rounding depends on torch's intra-op thread count, as many
+    CPU kernels' reductions do: a sum over 540,000 numbers per image, which torch splits across
+    threads; the sin makes a last-bit difference visible in the uint8 output. Per image, so
+    batch-invariant."""
+
+    def forward(self, x, t):
+        s = torch.stack([row.repeat(5000).sum() for row in x.reshape(x.shape[0], -1)])
+        return super().forward(x, t) + 0.2 * torch.sin(1000 * s)[:, None, None, None]
+
+
+class Cond(Tiny):
+    """Class-conditional: model(x, t, class_labels) with one label per row of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(4, 3)
+
+    def forward(self, x, t, class_labels):
+        if class_labels.shape != (x.shape[0],):
+            raise ValueError(f"{tuple(class_labels.shape)} labels for a batch of {x.shape[0]}")
+        return super().forward(x, t) + self.emb(class_labels)[:, :, None, None]
+
+
+def sensitive():
+    torch.manual_seed(0)
+    return Sensitive()
+
+
+def cond():
+    torch.manual_seed(0)
+    return Cond()
 
 
 def make():
@@ -199,7 +240,7 @@ def test_damaged_shard_is_remade(reference, tiny, tmp_path, one_thread):
 @pytest.mark.parametrize(
     "change",
     [dict(seed=8), dict(n=40), dict(steps=4), dict(eta=0.0), dict(shard_size=9), dict(spacing="quad"),
-     dict(model="other")],
+     dict(model="other"), dict(threads=2), dict(classes=3), dict(class_label=0)],
 )
 def test_other_configuration_is_refused(reference, tiny, tmp_path, one_thread, change):
     import shutil
@@ -238,3 +279,106 @@ def test_other_configuration_cli_one_line(reference, tiny, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastddim: error: ") and "seed: 7 there, 8 now" in lines[0]
+
+
+# --------------------------------------------------------------------------------- threads
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_threads_fixed_so_process_count_does_not_matter(tiny, tmp_path):
+    """torchrun sets OMP_NUM_THREADS=1; one process on a bigger machine runs more threads, and the
+    model rounds differently with the thread count. generate fixes the count (--threads, default 1),
+    so one process and two make the same bytes; the count is recorded in the manifest."""
+    args = ["-n", 10, "--steps", 2, "--shard-size", 4, "--device", "cpu", "--model", f"{tiny}:sensitive"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = run_cli("generate", *args, "--out", one, env={"OMP_NUM_THREADS": "4"})
+    assert p.returncode == 0, p.stderr
+    p = run_cli("generate", *args, "--out", two, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr
+    assert "2 process(es)" in p.stdout and "nothing to do" not in p.stderr  # 3 shards: both ranks work
+    assert read(one / "samples.npz") == read(two / "samples.npz")
+    m = json.loads((one / "manifest.json").read_text())
+    assert m["threads"] == 1 and m["config"]["threads"] == 1
+
+
+def test_rank_without_a_shard_says_so(tiny, tmp_path):
+    out = tmp_path / "run"
+    p = run_cli("generate", "-n", 3, "--steps", 2, "--shard-size", 8, "--device", "cpu", "--model", f"{tiny}:make",
+                "--out", out, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr
+    assert "rank 1 of 2: nothing to do" in p.stderr
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (3, 6, 6, 3)
+
+
+# ---------------------------------------------------------------------------- class labels
+def test_class_labels(tiny, tmp_path, one_thread):
+    """--classes C: image i gets label i % C, recorded in the manifest and part of the configuration;
+    the model gets each batch's own labels (shards of 4, batches of 3)."""
+    import torch
+
+    import fastddim
+    from fastddim.generate import ConfigMismatch, generate
+    from fastddim.images import to_uint8
+
+    out = tmp_path / "run"
+    p = run_cli("generate", "-n", 10, "--steps", 2, "--shard-size", 4, "-b", 3, "--classes", 3, "--device", "cpu",
+                "--model", f"{tiny}:cond", "--out", out)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["class_labels"] == {"classes": 3, "rule": "image i has label i % 3"}
+    model = load_tiny(tiny, "cond")
+    with np.load(out / "samples.npz") as z:
+        a = z["arr_0"]
+    labels = torch.arange(10) % 3
+    x = fastddim.sample(model, n=10, steps=2, batch_size=10, model_kwargs={"class_labels": labels})
+    np.testing.assert_array_equal(to_uint8(x), a)
+    with pytest.raises(ConfigMismatch, match="class_labels"):
+        generate(model, 10, 2, out, shard_size=4, classes=4, device="cpu", log=lambda s: None)
+    k = generate(model, 10, 2, tmp_path / "k", shard_size=4, class_label=1, device="cpu", model_name="c",
+                 log=lambda s: None)
+    assert k["class_labels"] == {"class_label": 1, "rule": "every image has label 1"}
+    with np.load(tmp_path / "k" / "samples.npz") as z:
+        x = fastddim.sample(model, n=10, steps=2, batch_size=10, model_kwargs={"class_labels": torch.ones(10).long()})
+        np.testing.assert_array_equal(to_uint8(x), z["arr_0"])
+
+
+# ------------------------------------------------------------------------ re-runs, Ctrl-C
+def test_rerun_of_a_finished_run_prints_no_timing(reference, tiny, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    p = run_cli("generate", *ARGS, "-b", 8, "--model", f"{tiny}:make", "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "already complete" in p.stderr and "images/s" not in p.stdout and "made" not in p.stdout
+    assert read(out / "samples.npz") == read(reference / "samples.npz")
+
+
+def test_ctrl_c_says_rerun_resumes(reference, tiny, tmp_path):
+    out = tmp_path / "run"
+    # batches of 8 = one shard, 3 model calls each: Ctrl-C in the third shard's first call
+    p = run_cli("generate", *ARGS, "-b", 8, "--model", f"{tiny}:make", "--out", out, env={"TINY_CTRL_C_AT": "7"})
+    assert p.returncode == 130, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run the same command again to resume" in lines[0], p.stderr
+    p = run_cli("generate", *ARGS, "-b", 8, "--model", f"{tiny}:make", "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "keeps 2 of its 5 shards" in p.stderr
+    assert read(out / "samples.npz") == read(reference / "samples.npz")
+
+
+def test_manifest_model_sha256_is_full(reference, tiny):
+    from fastddim.shards import model_digest
+
+    m = json.loads((reference / "manifest.json").read_text())
+    assert len(m["model_sha256"]) == 64 and m["model_sha256"] == model_digest(load_tiny(tiny))
+    assert m["config"]["model"] == m["model_sha256"]
+
+
+def test_output_folder_refused_before_the_model(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        p = run_cli("generate", "-n", 2, "--model", "no_such_module_xyz:make", "--out", out)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and "--out" in lines[0] and "afile" in lines[0], p.stderr
