@@ -620,7 +620,7 @@ def cmd_eval(args) -> int:
         table2_steps=args.table2_steps, table2_n=args.table2_n, table2_n_long=args.table2_n_long,
         table2_long_from=args.table2_long_from, table2_variants=args.table2_variants,
         table2_variant_steps=args.table2_variant_steps, table2_refine=args.table2_refine,
-        table1_from=args.table1_from, command=cmd, load=lambda spec: load_model(spec, args.device),
+        table1_from=args.table1_from, command=cmd,
     )
     if res.get("single") is None:
         print(res["report"])

@@ -213,8 +213,9 @@ class CountingModel(TinyDigitModel):
 
 def test_output_folder_checked_before_any_model_call(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
-        with pytest.raises(ValueError, match=f"out .*: {tmp_path / 'afile'} is a file, not a folder"):
+    for out, match in ((tmp_path / "afile", f"out {tmp_path / 'afile'}: is a file"),
+                       (tmp_path / "afile" / "sub", f"out .*: {tmp_path / 'afile'} is a file, not a folder")):
+        with pytest.raises(ValueError, match=match):
             ev.evaluate(CountingModel(), table1=True, n=4, table1_steps=(2,), table1_etas=(0.0,), out=out)
     assert CountingModel.calls == 0
     capsys.readouterr()

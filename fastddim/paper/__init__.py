@@ -26,10 +26,9 @@ the numbers as a dict and writes the same report and JSON as the CLI.
 """
 from .measure import fd_of_setting, heldout_subset, reconstruction_errors
 from .run import DEFAULT_OUT, evaluate
-from .settings import check_output_dir
 from .tables import PAPER_TABLE1, PAPER_TABLE2, TABLE1_ETAS, TABLE1_STEPS, TABLE2_STEPS, single_summary
 
 __all__ = [
-    "evaluate", "single_summary", "fd_of_setting", "reconstruction_errors", "heldout_subset", "check_output_dir",
+    "evaluate", "single_summary", "fd_of_setting", "reconstruction_errors", "heldout_subset",
     "DEFAULT_OUT", "TABLE1_STEPS", "TABLE1_ETAS", "TABLE2_STEPS", "PAPER_TABLE1", "PAPER_TABLE2",
 ]

@@ -16,7 +16,8 @@ import torch
 
 from . import figures as figs
 from . import measure, report, results, tables
-from .settings import Settings, check_output_dir, check_settings
+from ..paths import output_folder
+from .settings import Settings, check_settings
 from .tables import TABLE1_ETAS, TABLE1_STEPS, TABLE2_STEPS
 
 __all__ = ["evaluate", "DEFAULT_OUT"]
@@ -32,23 +33,24 @@ def evaluate(
     table2_n_long: int = 16, table2_long_from: int = 200, table2_variants: Sequence[str] | str = (),
     table2_variant_steps: Sequence[int] | str = (10, 20, 50), table2_refine: int = 1,
     table1_from: str | os.PathLike | None = None, command: str | None = None,
-    log: Callable[[str], None] | None = None, load: Callable[[str], Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the measurements; with any of table1/table2/figures, write ``out/paper_tables.md`` and its
     raw results ``out/paper_tables.json`` (both rewritten after every cell, so an interrupted run
     keeps what it measured).
 
     Args:
-        model: a model object (``sample_shape`` (1, 32, 32), ``schedule``), a packaged name
-            (``"mnist"``) or a checkpoint path; a name goes through ``load`` (default
-            ``fastddim.pretrained`` on ``device``, else CUDA if available, else CPU).
+        model: a model object (``sample_shape`` (1, 32, 32), ``schedule``), or what the CLI's
+            ``--model`` takes (a packaged name such as ``"mnist"``, a checkpoint path, ``module:attr``),
+            loaded by ``fastddim.pretrained.load_model`` on ``device`` (default CUDA if available).
         table1, table2, figures: which parts to make. With none, measure one setting
             (``steps``, default 50; ``eta``, default 0) and return its FD (mean, std over seeds).
         n: samples per Table 1 cell (and for the single setting); >= 2.
         seeds: a count k (seeds 0..k-1), a list of seeds, or a string "3" / "0,5,9".
         spacing: Table 1 and the single setting ("quad" by default). Table 2 always uses "uniform".
-        out: folder of the report, its JSON and the figures (default ``paper_eval``, made with its
-            parents when missing; refused before any model call when part of the path is a file).
+        out: folder of the report, its JSON and the figures (default ``paper_eval``); made with its
+            parents before the model is loaded (``fastddim.paths.output_folder``), refused when part
+            of the path is a file.
         batch_size: samples per model call (results do not depend on it).
         table1_steps, table1_etas, table2_steps, table2_variant_steps: lists, or comma strings.
         table2_n: images for Table 2 rows with S < ``table2_long_from``; ``table2_n_long`` for the rest.
@@ -59,7 +61,6 @@ def evaluate(
             it instead of measuring it again (implies ``table1``).
         command: the command line to print in the report (the CLI fills it in).
         log: progress lines (default: print to stderr).
-        load: turns a model name into a model (the CLI passes its own, which knows module:attr).
 
     Returns:
         A dict with ``single`` / ``table1`` / ``table2`` / ``figures`` (those made), ``report`` (its
@@ -76,8 +77,8 @@ def evaluate(
         table1_from=table1_from)
     loaded = results.load_table1(table1_from) if table1_from is not None else None
     if cfg.report:
-        check_output_dir(cfg.out)
-    model, desc = _load(model, device, load)
+        output_folder(cfg.out, "out")
+    model, desc = _load(model, device)
     _check_model(model, desc, cfg, loaded)
     from .. import metrics
 
@@ -103,7 +104,7 @@ def _check_model(model, desc: str, cfg: Settings, loaded: dict | None) -> None:
 
 
 # ------------------------------------------------------------------------------ the model and provenance
-def _load(model, device, load) -> tuple[Any, str]:
+def _load(model, device) -> tuple[Any, str]:
     """(model, description) from a model object or a name; the description identifies the weights,
     so that ``table1_from`` can refuse a Table 1 of another model."""
     if not isinstance(model, (str, os.PathLike)):
@@ -111,13 +112,10 @@ def _load(model, device, load) -> tuple[Any, str]:
             raise ValueError(f"model must be a callable model, a packaged name or a checkpoint path, "
                              f"got {type(model).__name__}")
         return model, f"`{type(model).__name__}` passed in by the caller"
-    spec = os.fspath(model)
-    if load is None:
-        from ..pretrained import pretrained
+    from ..pretrained import load_model
 
-        m = pretrained(spec, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    else:
-        m = load(spec)
+    spec = os.fspath(model)
+    m = load_model(spec, device)
     return m, _describe(m, spec)
 
 
@@ -233,7 +231,6 @@ class _Run:
 def _run_report(model, cfg: Settings, loaded: dict | None, prov: dict, device, log) -> dict:
     planned, counts = _plan(model, cfg, loaded)
     st = {**prov, "done": False, "elapsed": 0.0, "throughput": 0.0, "counts": counts, "figures": {}}
-    cfg.out.mkdir(parents=True, exist_ok=True)
     run, out, kw = _Run(cfg.out, st, planned, log), cfg.out, dict(batch_size=cfg.batch_size, device=device)
     log(f"plan: {planned:,} network evaluations for the tables; report -> {out / report.REPORT}")
     if loaded is not None:

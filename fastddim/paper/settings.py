@@ -1,5 +1,5 @@
-"""The settings of one ``evaluate`` call, checked before anything is loaded or sampled, and the
-output-folder check. Lists may come as sequences or as the CLI's comma strings ("10,20,50").
+"""The settings of one ``evaluate`` call, checked before anything is loaded or sampled. Lists may
+come as sequences or as the CLI's comma strings ("10,20,50").
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..checks import check_eta, check_int, check_int_list
 
-__all__ = ["Settings", "check_settings", "check_output_dir"]
+__all__ = ["Settings", "check_settings"]
 
 
 @dataclass(frozen=True)
@@ -115,19 +115,3 @@ def check_settings(*, table1, table2, figures, n, seeds, steps, eta, spacing, ou
         t2_variants=variants, t2_variant_n=table2_n,
         t2_variant_steps=_ints("table2_variant_steps", table2_variant_steps, 1, 1000) if variants else [],
         t2_refine=check_int("table2_refine", table2_refine, 0, 100), table1_from=table1_from)
-
-
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """``path`` can be a folder of outputs: each part of it that exists is a folder, and the deepest
-    one that exists is writable (missing folders are made, with their parents, when writing starts).
-    Raises ``ValueError`` naming the offending path."""
-    p = Path(path)
-    for q in (p, *p.absolute().parents):
-        if not q.exists():
-            continue
-        if not q.is_dir():
-            raise ValueError(f"out {str(p)!r}: {q} is a file, not a folder")
-        if not os.access(q, os.W_OK | os.X_OK):
-            raise ValueError(f"out {str(p)!r}: cannot write in {q}")
-        break
-    return p
