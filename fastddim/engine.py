@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .checks import check_dtype, check_int, check_seed
+from .checks import check_device, check_dtype, check_int, check_seed
 from .dispatch import Step, make_step, resolve_backend
 from .plan import PLAN_KWARGS, Plan, make_plan
 from .profiling import nvtx_range
@@ -63,7 +63,7 @@ def resolve_device(model, device, x: torch.Tensor | None = None) -> torch.device
     if device is None:
         dev = mdev or (x.device if x is not None else torch.device("cpu"))
     else:
-        dev = torch.device(device)
+        dev = check_device("device", device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if mdev is not None and mdev != dev:
