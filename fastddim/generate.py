@@ -103,17 +103,27 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _label_spec(class_label: int | None, classes: int | None) -> dict | None:
+    """{"class_label": K}, {"classes": C} or None (no labels), checked."""
+    if class_label is not None and classes is not None:
+        raise ValueError("give class_label (one label for all) or classes (spread over C classes), not both")
+    if class_label is not None:
+        return {"class_label": check_int("class_label", class_label, 0)}
+    if classes is not None:
+        return {"classes": check_int("classes", classes, 1)}
+    return None
+
+
 def class_labels(start: int, stop: int, *, class_label: int | None = None, classes: int | None = None,
                  device: torch.device | str | None = None) -> torch.Tensor | None:
     """The labels of images start .. stop - 1: (stop - start,) int64, ``class_label`` for every
     image or ``i % classes`` for image i; None when neither is given."""
-    if class_label is not None and classes is not None:
-        raise ValueError("give class_label (one label for all) or classes (spread over C classes), not both")
-    if class_label is not None:
-        return torch.full((stop - start,), check_int("class_label", class_label, 0), dtype=torch.int64, device=device)
-    if classes is not None:
-        return (torch.arange(start, stop, dtype=torch.int64) % check_int("classes", classes, 1)).to(device)
-    return None
+    spec = _label_spec(class_label, classes)
+    if spec is None:
+        return None
+    if "class_label" in spec:
+        return torch.full((stop - start,), spec["class_label"], dtype=torch.int64, device=device)
+    return (torch.arange(start, stop, dtype=torch.int64) % spec["classes"]).to(device)
 
 
 def sample_range(model: Callable, start: int, stop: int, batch_size: int | None = None, *,
@@ -192,6 +202,22 @@ def _describe(model, n: int, steps: int, *, eta, spacing, seed: int, shard_size:
     return config, manifest
 
 
+def _my_shards(folder: RunFolder, old: dict | None, rank: int, world: int, batch_size: int,
+               log: Callable[[str], None]) -> list[int]:
+    """The shards this rank still has to make (rank r of W owns the shards k with k % W == r)."""
+    mine = [k for k in range(len(folder.ranges)) if k % world == rank]
+    todo = folder.todo(mine, log)
+    if not mine:
+        log(f"fastddim: rank {rank} of {world}: nothing to do ({len(folder.ranges)} shard(s) for {world} processes)")
+    if rank == 0 and len(mine) > len(todo):
+        log(f"fastddim: resuming in {folder.out_dir}: rank 0 keeps {len(mine) - len(todo)} of its {len(mine)} shards")
+        if old is not None and old.get("batch_size") not in (None, batch_size):
+            log(f"fastddim: note: batch size {batch_size} differs from the earlier run's {old.get('batch_size')}; "
+                "a model whose output depends on the batch composition (many conv nets, in the last bit) "
+                "can make rare +-1 differences against a run made in one go")
+    return todo
+
+
 def _make_shards(folder: RunFolder, todo: list[int], bar: Progress, model, batch_size: int, labels: dict | None,
                  sample_kwargs: dict) -> int:
     """Make the shards ``todo``; returns the number of images made."""
@@ -235,26 +261,12 @@ def _meet(world: int, made: int, seconds: float, bar: Progress, dev: torch.devic
 
 
 def generate(
-    model: Callable,
-    n: int,
-    steps: int,
-    out_dir: str,
-    *,
-    eta: float | str = 0.0,
-    spacing: str | Sequence[int] | None = "uniform",
-    seed: int = 0,
-    batch_size: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
-    model_name: str | None = None,
-    progress: bool | None = None,
-    log: Callable[[str], None] | None = None,
-    threads: int = 1,
-    class_label: int | None = None,
-    classes: int | None = None,
-    **plan_kwargs,
+    model: Callable, n: int, steps: int, out_dir: str, *, eta: float | str = 0.0,
+    spacing: str | Sequence[int] | None = "uniform", seed: int = 0, batch_size: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    backend: str = "auto", model_name: str | None = None, progress: bool | None = None,
+    log: Callable[[str], None] | None = None, threads: int = 1, class_label: int | None = None,
+    classes: int | None = None, **plan_kwargs,
 ) -> dict[str, Any] | None:
     """Make ``n`` samples into ``out_dir`` (see the module docstring), resuming what is there.
 
@@ -286,9 +298,7 @@ def generate(
     n, shard_size = check_int("n", n, 1), check_int("shard_size", shard_size, 1)
     threads = check_int("threads", threads, 1)
     out_dir = output_folder(out_dir, "out_dir")
-    class_labels(0, 0, class_label=class_label, classes=classes)  # checks them
-    labels = ({"class_label": class_label} if class_label is not None
-              else {"classes": classes} if classes is not None else None)
+    labels = _label_spec(class_label, classes)
     dev = _run_device(model, device)
     backend = resolve_backend(backend, dev)
     threads = threads if dev.type == "cpu" else None
@@ -307,17 +317,7 @@ def generate(
     if rank == 0:
         folder.save_manifest(manifest)
 
-    mine = [k for k in range(len(folder.ranges)) if k % world == rank]
-    todo = folder.todo(mine, log)
-    if not mine:
-        log(f"fastddim: rank {rank} of {world}: nothing to do ({len(folder.ranges)} shard(s) for {world} processes)")
-    if rank == 0 and len(mine) > len(todo):
-        log(f"fastddim: resuming in {out_dir}: rank 0 keeps {len(mine) - len(todo)} of its {len(mine)} shards")
-        if old is not None and old.get("batch_size") not in (None, batch_size):
-            log(f"fastddim: note: batch size {batch_size} differs from the earlier run's {old.get('batch_size')}; "
-                "a model whose output depends on the batch composition (many conv nets, in the last bit) "
-                "can make rare +-1 differences against a run made in one go")
-
+    todo = _my_shards(folder, old, rank, world, batch_size, log)
     bar = Progress(bool(sys.stderr.isatty() if progress is None else progress) and rank == 0, folder)
     sample_kwargs = dict(steps=steps, eta=eta, spacing=spacing, seed=seed, device=dev, dtype=dtype, backend=backend,
                          **plan_kwargs)

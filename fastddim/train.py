@@ -144,27 +144,11 @@ def _ema_decay_at(step: int, decay: float) -> float:
 
 
 def train(
-    *,
-    model: str | UNetConfig | dict = "mnist",
-    data: str | torch.Tensor = "mnist",
-    schedule: str = "linear",
-    steps: int = 4000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    warmup: int = 100,
-    weight_decay: float = 0.0,
-    ema_decay: float = 0.999,
-    grad_clip: float = 1.0,
-    seed: int = 0,
-    out: str | os.PathLike = "checkpoint.safetensors",
-    save_every: int = 500,
-    resume: bool = False,
-    overwrite: bool = False,
-    log_file: str | os.PathLike | None = None,
-    log_every: int = 50,
-    device: str | torch.device | None = None,
-    threads: int | None = None,
-    progress: bool = True,
+    *, model: str | UNetConfig | dict = "mnist", data: str | torch.Tensor = "mnist", schedule: str = "linear",
+    steps: int = 4000, batch_size: int = 64, lr: float = 1e-3, warmup: int = 100, weight_decay: float = 0.0,
+    ema_decay: float = 0.999, grad_clip: float = 1.0, seed: int = 0, out: str | os.PathLike = "checkpoint.safetensors",
+    save_every: int = 500, resume: bool = False, overwrite: bool = False, log_file: str | os.PathLike | None = None,
+    log_every: int = 50, device: str | torch.device | None = None, threads: int | None = None, progress: bool = True,
 ) -> dict:
     """Train a U-Net on the DDPM noise-prediction loss and write a safetensors checkpoint.
 
@@ -225,19 +209,10 @@ def train(
         schedule=schedule, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
         ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
     )
-    torch.manual_seed(seed)  # the init and dropout draw from the global generator
-    net = UNet(cfg, schedule=sched).to(device)
-    # oneDNN convolutions run ~10% faster in NHWC on CPU; the saved weights are made contiguous.
-    net = net.to(memory_format=torch.channels_last if device.type == "cpu" else torch.contiguous_format)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(list(net.parameters()), lr=lr, weight_decay=weight_decay)
-    # Batches, t and noise come from one CPU generator, so runs match across devices in what
-    # they draw, and its state fits in a checkpoint.
-    gen = torch.Generator().manual_seed(seed)
+    run = _Run.create(cfg, sched, x_data, device=device, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
+                      schedule_kind=schedule, train_args=train_args)
     if ck is not None:
-        _restore(ck, net, ema, opt, gen, device)
-    run = _Run(net=net, ema=ema, opt=opt, gen=gen, x_data=x_data, sched=sched, device=device, out=out,
-               schedule_kind=schedule, train_args=train_args, saved_step=ck.step if ck is not None else None)
+        run.restore(ck)
     log = open(log_file, "a") if log_file else None
     if log and ck is None:
         log.write(f"# fastddim train {json.dumps(train_args)}\n# step loss images_per_s elapsed_s\n")
@@ -259,17 +234,6 @@ def _resume_checkpoint(out: Path, cfg: UNetConfig):
     return ck
 
 
-def _restore(ck, net: UNet, ema: UNet, opt: torch.optim.Optimizer, gen: torch.Generator, device: torch.device):
-    net.load_state_dict(ck.model)
-    ema.load_state_dict(ck.ema)
-    state = {i: {k: (v.reshape(()) if k == "step" else v) for k, v in st.items()} for i, st in ck.optim.items()}
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    gen.set_state(ck.rng["batch"])
-    torch.set_rng_state(ck.rng["torch"])
-    if device.type == "cuda" and "cuda" in ck.rng:
-        torch.cuda.set_rng_state(ck.rng["cuda"], device)
-
-
 @dataclass
 class _Run:
     """The state of one training run: the networks, the optimizer, the data and the generator."""
@@ -288,6 +252,33 @@ class _Run:
 
     def __post_init__(self):
         self.alphas = self.sched.alphas_cumprod.to(self.device)
+
+    @classmethod
+    def create(cls, cfg: UNetConfig, sched, x_data: torch.Tensor, *, device: torch.device, lr: float,
+               weight_decay: float, seed: int, **kw) -> "_Run":
+        """A fresh run: the U-Net initialised from ``seed``, its EMA copy, AdamW and the batch generator."""
+        torch.manual_seed(seed)  # the init and dropout draw from the global generator
+        net = UNet(cfg, schedule=sched).to(device)
+        # oneDNN convolutions run ~10% faster in NHWC on CPU; the saved weights are made contiguous.
+        net = net.to(memory_format=torch.channels_last if device.type == "cpu" else torch.contiguous_format)
+        ema = copy.deepcopy(net).requires_grad_(False).eval()
+        opt = torch.optim.AdamW(list(net.parameters()), lr=lr, weight_decay=weight_decay)
+        # Batches, t and noise come from one CPU generator, so runs match across devices in what
+        # they draw, and its state fits in a checkpoint.
+        gen = torch.Generator().manual_seed(seed)
+        return cls(net=net, ema=ema, opt=opt, gen=gen, x_data=x_data, sched=sched, device=device, saved_step=None, **kw)
+
+    def restore(self, ck) -> None:
+        """Continue from a training checkpoint: weights, EMA, optimizer state and every RNG."""
+        self.net.load_state_dict(ck.model)
+        self.ema.load_state_dict(ck.ema)
+        state = {i: {k: (v.reshape(()) if k == "step" else v) for k, v in st.items()} for i, st in ck.optim.items()}
+        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+        self.gen.set_state(ck.rng["batch"])
+        torch.set_rng_state(ck.rng["torch"])
+        if self.device.type == "cuda" and "cuda" in ck.rng:
+            torch.cuda.set_rng_state(ck.rng["cuda"], self.device)
+        self.saved_step = ck.step
 
     def save(self, step: int) -> None:
         rng = {"batch": self.gen.get_state(), "torch": torch.get_rng_state()}
