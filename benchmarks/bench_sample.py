@@ -1,0 +1,573 @@
+"""End to end: ``fastddim.sample`` against a diffusers ``DDIMScheduler`` loop, same run, same weights.
+
+    pytest benchmarks/bench_sample.py --benchmark-only --benchmark-enable -rs \
+        --benchmark-json=benchmarks/results/<date>-<device>.json
+    (`make bench` runs this and bench_ddim_step.py and names the JSON itself)
+
+Each row is one contender on one cell (model, n, S, eta, intra-op threads); the contenders of a
+cell run one after the other, so they see the same machine. Contenders:
+  diffusers-eager        DDIMScheduler loop over the module as loaded: set_timesteps(S), x_T from
+                         torch.randn, out = model(x, t), step(out, t, x, eta=eta, generator=g)
+  diffusers-compile      the same loop over torch.compile(model, dynamic=False)
+  diffusers-compile-bf16 (CUDA) the same over a compiled bf16 copy, state in bf16 (as DDIMPipeline)
+  fastddim-eager         fastddim.sample with default arguments (CPU) / graph=False (CUDA)
+  fastddim-compile       compile=True
+  fastddim-graph         (CUDA) graph=True, fp32
+  fastddim-graph-compile-bf16  (CUDA) graph=True, compile=True, dtype=torch.bfloat16
+Both sides run under inference mode (fastddim enters it itself), draw their own x_T inside the
+timed call, and sample the same schedule, timesteps and update (clip_sample=False).
+
+Every row's extra_info (the JSON) holds images/s, the speed-up over diffusers-eager of the same
+cell (filled in at the end of the run), peak memory over the timed rounds (CPU: VmHWM of the
+process after `malloc_trim` and a reset through /proc/self/clear_refs, with the resident size at
+the reset; CUDA: max_memory_allocated after reset_peak_memory_stats), the untimed warm-up call and
+the compile / capture time inside it (fastddim: info()["last_run"]; diffusers: its first model
+call), the forward alone at the contender's batch (S x batches x forward is the floor, and
+`overhead` is the run's time over it, minus 1), device, versions, n, S, eta, dtype, threads, and
+a check (not timed): at eta = 0 fastddim's samples from a given x_T against the diffusers loop
+from the same x_T. On CUDA also the fraction of the compute ceiling: n x S x 12.44 GFLOP (a
+CIFAR-10 U-Net forward, FACTS.md section 5) over the run time, against an 8192^3 bf16 matmul
+measured in the same run.
+
+CPU: intra-op threads are 1 by default (FASTDDIM_BENCH_THREADS=1,2 for more): on a machine whose
+cores are shared with other jobs, a multi-thread parallel region waits for its slowest thread's
+next time slice and the medians describe the neighbours. The CIFAR-10 U-Net runs on the CPU at
+n = 1, S = 2, eager only; the MNIST U-Net at n = 1024 with S = 2 and eager only (CPU_SKIPS).
+
+GPU (one run, issue 11; the full grid compiles the big U-Net ~30 times, so pick cells):
+    pytest benchmarks/bench_sample.py --benchmark-only --benchmark-enable -rs \
+        -k "cuda and cifar10d and (n1- or n1024-)" --benchmark-json=$OUT/bench_sample_cuda.json
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import functools
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+import pytest
+import torch
+
+import fastddim
+from fastddim.engine import model_output, prepare
+
+# Compile times are reported, so start from an empty inductor cache (as a user's first run does),
+# unless the caller chose a cache directory.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastddim-bench-inductor-"))
+
+try:
+    import diffusers
+    from diffusers import DDIMScheduler, UNet2DModel
+except ImportError:  # the benchmark needs it; the library never imports it
+    diffusers = None
+
+CUDA = torch.cuda.is_available()
+CIFAR10_GFLOP = 12.44  # per image forward of the DDPM CIFAR-10 U-Net (FACTS.md section 5)
+BASELINE = "diffusers-eager"
+CPU_THREADS = sorted({int(s) for s in os.environ.get("FASTDDIM_BENCH_THREADS", "1").split(",") if s.strip()})
+ALL_CORES = os.cpu_count() or 1
+SEED = 0
+
+
+# --------------------------------------------------------------------------------- the models
+class Cheap(torch.nn.Module):
+    """eps = 0.1 * x: a model that costs one elementwise pass, so the sampler's own cost shows."""
+
+    def forward(self, x, t):
+        return 0.1 * x
+
+
+def _diffusers_cifar10():
+    """The DDPM CIFAR-10 U-Net as diffusers builds it (FACTS.md section 5), random weights."""
+    return UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def model_setup(name: str, device: str):
+    """(module, shape, scheduler, fastddim kwargs, GFLOP per image forward or None).
+
+    Built once per run (outside inference mode, as a user loads it). The scheduler is configured
+    to compute what fastddim computes with those kwargs: for the project's models that is
+    fastddim's defaults (their own schedule, no clipping), so fastddim's row uses no kwargs.
+    """
+    torch.manual_seed(SEED)
+    if name == "cheap":
+        sched = DDIMScheduler(clip_sample=False)
+        return Cheap().to(device), (3, 32, 32), sched, dict(fastddim.from_diffusers(sched), shape=(3, 32, 32)), None
+    if name == "mnist":
+        m = fastddim.pretrained(device=device)
+        sched = DDIMScheduler(trained_betas=m.schedule.betas.tolist(), clip_sample=False)
+        return m, m.sample_shape, sched, {}, None
+    if name == "cifar10d":
+        sched = DDIMScheduler(clip_sample=False)
+        m = _diffusers_cifar10().eval().requires_grad_(False).to(device)
+        return m, (3, 32, 32), sched, dict(fastddim.from_diffusers(sched)), CIFAR10_GFLOP
+    if name == "cifar10":
+        from fastddim.models.unet import UNet
+        from fastddim.schedule import Schedule
+
+        m = UNet("cifar10", schedule=Schedule.linear(linspace="float32"))
+        m.conv_out.reset_parameters()  # zero-initialised for training: random weights give a real output
+        m = m.eval().requires_grad_(False).to(device)
+        sched = DDIMScheduler(trained_betas=m.schedule.betas.tolist(), clip_sample=False)
+        return m, m.sample_shape, sched, {}, CIFAR10_GFLOP
+    raise ValueError(name)
+
+
+@functools.lru_cache(maxsize=None)
+def diffusers_model(name: str, device: str, dtype: torch.dtype, compiled: bool):
+    """The module the diffusers loop calls: as loaded, a bf16 copy, and/or torch.compile of it (cached)."""
+    m = model_setup(name, device)[0]
+    if dtype != torch.float32:
+        m = copy.deepcopy(m).to(dtype)
+    return torch.compile(m, dynamic=False) if compiled else m
+
+
+# ------------------------------------------------------------------------------------ the cells
+# contender -> (library, compile, graph, dtype)
+CONTENDERS = {
+    "diffusers-eager": ("diffusers", False, False, torch.float32),
+    "diffusers-compile": ("diffusers", True, False, torch.float32),
+    "diffusers-compile-bf16": ("diffusers", True, False, torch.bfloat16),
+    "fastddim-eager": ("fastddim", False, False, torch.float32),
+    "fastddim-compile": ("fastddim", True, False, torch.float32),
+    "fastddim-graph": ("fastddim", False, True, torch.float32),
+    "fastddim-graph-compile-bf16": ("fastddim", True, True, torch.bfloat16),
+}
+CPU_CONTENDERS = ["diffusers-eager", "diffusers-compile", "fastddim-eager", "fastddim-compile"]
+
+# The bars (issue 10), side by side in one run: (cell, contender) -> (label, minimum speed-up).
+BARS = {}
+for _thr in CPU_THREADS:
+    _t = f"{_thr} thread" + ("s" if _thr > 1 else "")
+    BARS[(("cpu", "cheap", 1024, 20, 1.0, _thr), "fastddim-eager")] = (f"(a) cheap model, n=1024, S=20, eta=1, {_t}", 3.0)
+    BARS[(("cpu", "cheap", 1024, 20, 0.0, _thr), "fastddim-eager")] = (f"(a) cheap model, n=1024, S=20, eta=0, {_t}", 2.0)
+    BARS[(("cpu", "mnist", 64, 10, 0.0, _thr), "fastddim-eager")] = (
+        f"(b) fastddim.sample(fastddim.pretrained(), n=64, steps=10), defaults, {_t}", 2.0)
+PAIRS = 5  # interleaved (diffusers-eager, fastddim) pairs in a bar cell: a paired ratio robust to drift
+
+# Rows left out on the CPU, with the reason pytest prints (-rs). Compiling a U-Net at a new shape
+# takes 1-2 minutes there (inductor's C++ backend, one loaded core), each contender and batch
+# size apart: the compiled MNIST rows run at n = 1 and 64 (batch 1 and 64) and not again at 1024
+# (batch 192 for fastddim, 1024 for diffusers).
+CPU_SKIPS = {
+    ("cifar10d", 1): "compiling the 35.7M-parameter CIFAR-10 U-Net with inductor's C++ backend takes minutes on a "
+                     "2-core CPU; its compiled rows run on CUDA",
+    ("mnist", 1024): "a third compile of the MNIST U-Net per contender (~1-2 min each here) would push the CPU run past "
+                     "15 minutes; the compiled rows at n = 1 and 64 show the compiled rate",
+}
+
+
+def _cells():
+    """(cell, contender) in run order; cell = (device, model, n, S, eta, threads)."""
+    out = []
+    cpu = []
+    for n in (1, 64, 1024):
+        for eta in (0.0, 1.0):
+            cpu.append(("cpu", "cheap", n, 20, eta))
+    # The MNIST U-Net is ~5 ms per image forward on one loaded core: S = 2 keeps n = 1024 near a minute.
+    cpu += [("cpu", "mnist", 1, 10, 0.0), ("cpu", "mnist", 64, 10, 0.0), ("cpu", "mnist", 1024, 2, 0.0)]
+    cpu += [("cpu", "cifar10d", 1, 2, 0.0)]
+    for c in cpu:
+        for threads in CPU_THREADS:
+            for contender in CPU_CONTENDERS:
+                out.append(((*c, threads), contender))
+    if CUDA:
+        for model in ("cifar10d", "cifar10", "mnist", "cheap"):
+            for n, S in ((1, 10), (16, 10), (256, 10), (1024, 10), (1024, 50)):
+                for contender in CONTENDERS:
+                    out.append((("cuda", model, n, S, 0.0, None), contender))
+    return out
+
+
+def _id(cell, contender) -> str:
+    dev, model, n, S, eta, threads = cell
+    thr = f"-{threads}thr" if threads is not None else ""
+    return f"{dev}-{model}-n{n}-S{S}-eta{eta:g}{thr}-{contender}"
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+    except OSError:
+        return platform.machine()
+
+
+def _versions() -> dict:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    return {"torch": torch.__version__, "triton": tv, "diffusers": getattr(diffusers, "__version__", None),
+            "fastddim": fastddim.__version__, "python": platform.python_version()}
+
+
+def _vm(field: str) -> int | None:
+    """A field of /proc/self/status in bytes (VmHWM, VmRSS), None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max_memory_allocated, or the CPU process's VmHWM.
+
+    On the CPU, freed heap is first handed back (malloc_trim) and the high-water mark reset by
+    writing 5 to /proc/self/clear_refs; `peak` is the process's VmHWM after the block and `base`
+    its resident size at the reset, so peak - base is what the block added.
+    """
+
+    def __init__(self, device: str):
+        self.device, self.base, self.peak, self.how = device, None, None, None
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.how = "cuda max_memory_allocated"
+            return self
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.how = "VmHWM after clear_refs=5"
+        except OSError:
+            self.how = "VmHWM since process start (clear_refs not writable)"
+        self.base = _vm("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.peak = _vm("VmHWM")
+        return False
+
+    def info(self) -> dict:
+        mib = lambda b: None if b is None else round(b / 2**20, 1)  # noqa: E731
+        return {"peak_memory_MiB": mib(self.peak), "memory_at_start_MiB": mib(self.base),
+                "peak_added_MiB": mib(None if self.peak is None or self.base is None else self.peak - self.base),
+                "memory_measure": self.how}
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops() -> float:
+    """bf16 dense matmul rate on this GPU (8192^3, median of 20 after warm-up), TFLOP/s."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return 2 * 8192**3 / times[len(times) // 2] / 1e12
+
+
+def _time_forward(fn, x, t, device: str, graph: bool, budget_s: float = 1.0) -> dict:
+    """Seconds of one forward alone at x's batch: eager calls, or replays of a CUDA graph of one.
+
+    The model has already run at this batch in the row (compiled, cuDNN/oneDNN set up), so a
+    forward slower than the budget is timed once.
+    """
+    with torch.inference_mode():
+        call = lambda: fn(x, t)  # noqa: E731
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn(x, t)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(x, t)
+            call = g.replay
+        if device == "cuda":
+            call()
+        _sync(device)
+        t0 = time.perf_counter()
+        call()
+        _sync(device)
+        times = [time.perf_counter() - t0]
+        reps = min(50, int(budget_s / max(times[0], 1e-6)))
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"forward_seconds": times[len(times) // 2], "forward_reps": len(times), "forward_graphed": graph}
+
+
+def _rounds(seconds: float, device: str) -> int:
+    """Timed rounds for a call of about `seconds`: ~4 s of rounds, 2 to 30."""
+    return max(2 if seconds > 5 else 3, min(30, math.ceil(4.0 / max(seconds, 1e-6))))
+
+
+# ----------------------------------------------------------------------------------- contenders
+def diffusers_loop(model, sched, n: int, S: int, eta: float, shape, device: str, dtype, x_T=None, first_call=None):
+    """The plain DDIMScheduler loop as a diffusers user writes it (DDIMPipeline's body).
+
+    The state lives in the model's dtype, as in DDIMPipeline. ``first_call``: a list that gets the
+    seconds of the first model call (the compile, for a compiled model).
+    """
+    g = torch.Generator(device).manual_seed(SEED)
+    sched.set_timesteps(S)
+    x = torch.randn((n, *shape), generator=g, device=device, dtype=dtype) if x_T is None else x_T.to(device, dtype)
+    with torch.inference_mode():
+        for i, t in enumerate(sched.timesteps):
+            if first_call is not None and i == 0:
+                t0 = time.perf_counter()
+                out = model(x, t)
+                _sync(device)
+                first_call.append(time.perf_counter() - t0)
+            else:
+                out = model(x, t)
+            out = out.sample if hasattr(out, "sample") else out
+            x = sched.step(out, t, x, eta=eta, generator=g).prev_sample
+    _sync(device)
+    return x
+
+
+def make_call(cell, contender):
+    """(call(x_T=None, first_call=None) -> samples, description dict) for one contender on one cell."""
+    dev, name, n, S, eta, _ = cell
+    lib, compiled, graph, dtype = CONTENDERS[contender]
+    model, shape, sched, kw, _ = model_setup(name, dev)
+    if lib == "diffusers":
+        m = diffusers_model(name, dev, dtype, compiled)
+
+        def call(x_T=None, first_call=None):
+            return diffusers_loop(m, sched, n, S, eta, shape, dev, dtype, x_T, first_call)
+
+        return call, {"batch_size": n, "compile": "default" if compiled else False, "graph": False,
+                      "dtype": str(dtype).removeprefix("torch."), "memory_format": "contiguous_format"}
+    kwargs = dict(kw)
+    if eta != 0.0:
+        kwargs["eta"] = eta
+    if compiled:
+        kwargs["compile"] = True
+    if dtype != torch.float32:
+        kwargs["dtype"] = dtype
+    if dev == "cuda":
+        kwargs["graph"] = graph
+
+    def call(x_T=None, first_call=None):
+        out = fastddim.sample(model, n, S, **kwargs) if x_T is None else fastddim.sample(model, n, S, x_T=x_T, **kwargs)
+        _sync(dev)
+        return out
+
+    return call, {"fastddim_kwargs": sorted(k for k in kwargs if k not in kw)}
+
+
+def forward_alone(cell, contender) -> dict:
+    """One forward of the model exactly as the contender calls it, at the batch it uses."""
+    dev, name, n, S, eta, _ = cell
+    lib, compiled, graph, dtype = CONTENDERS[contender]
+    model, shape, sched, kw, _ = model_setup(name, dev)
+    if lib == "diffusers":
+        m, b = diffusers_model(name, dev, dtype, compiled), n
+        t = torch.tensor(500, device="cpu")
+        fn = lambda x, t: model_output(m, x, t, {})  # noqa: E731
+    else:
+        extra = {"compile": True} if compiled else {}
+        run = prepare(model, n, S, eta=eta, dtype=dtype, **extra, **kw)
+        b = run.batch_size
+        t = run.t_dev[len(run.t_dev) // 2].expand(b)
+        fn = lambda x, t: model_output(run.model, x, t, {})  # noqa: E731
+    x = torch.randn((b, *shape), device=dev).to(dtype)
+    res = _time_forward(fn, x, t, dev, graph=graph)
+    batches = math.ceil(n / b)
+    res.update(forward_batch=b, model_calls=S * batches, floor_seconds=S * batches * res["forward_seconds"])
+    return res
+
+
+_REFERENCE: dict = {}
+
+
+def _x_T(cell, shape):
+    """The x_T the diffusers loop draws: torch.randn from a generator seeded with SEED."""
+    dev, _, n, _, _, _ = cell
+    return torch.randn((n, *shape), generator=torch.Generator(dev).manual_seed(SEED), device=dev)
+
+
+def reference(cell):
+    """(x_T, the diffusers eager loop's samples from it) for a cell at eta = 0.
+
+    The diffusers-eager row of the cell leaves its own output here (its x_T is _x_T); a cell run
+    without that row computes it.
+    """
+    dev, name, n, S, eta, _ = cell
+    key = (dev, name, n, S)
+    if key not in _REFERENCE:
+        model, shape, sched, kw, _ = model_setup(name, dev)
+        x_T = _x_T(cell, shape)
+        _REFERENCE[key] = (x_T, diffusers_loop(model, sched, n, S, 0.0, shape, dev, torch.float32, x_T).float())
+    return _REFERENCE[key]
+
+
+# Tolerances of the check (max |fastddim - diffusers| over all elements of x_0, from the same x_T,
+# relative to max(1, max |x_0|)).
+# fp32 eager: channels_last convolutions and the fused step reorder fp32 sums; measured
+# differences are ~1e-6 for the U-Nets at S = 10 (see RESULTS.md); 1e-4 leaves room for other CPUs.
+# Compiled: inductor fuses and reorders more. bf16: the model runs in bf16 (8 bits of mantissa).
+CHECK_TOL = {("fp32", False): 1e-4, ("fp32", True): 1e-3, ("bf16", False): 0.15, ("bf16", True): 0.15}
+
+
+# ---------------------------------------------------------------------------------------- the test
+@pytest.mark.skipif(diffusers is None, reason="needs diffusers (pip install diffusers): the baseline loop")
+@pytest.mark.parametrize("cell,contender", [pytest.param(c, k, id=_id(c, k)) for c, k in _cells()])
+def test_sample(benchmark, record_median, cell, contender):
+    dev, name, n, S, eta, threads = cell
+    lib, compiled, graph, dtype = CONTENDERS[contender]
+    if dev == "cpu" and compiled and (name, n) in CPU_SKIPS:
+        pytest.skip(CPU_SKIPS[(name, n)])
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        _run(benchmark, record_median, cell, contender)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(benchmark, record_median, cell, contender):
+    dev, name, n, S, eta, threads = cell
+    lib, compiled, graph, dtype = CONTENDERS[contender]
+    dt = str(dtype).removeprefix("torch.")
+    cell_id = _id(cell, "").rstrip("-")
+    benchmark.group = cell_id
+    load_start = _loadavg()
+    call, desc = make_call(cell, contender)
+
+    # Warm-up (untimed): compile, capture, first touch. Its compile/capture part is reported apart.
+    # Dynamo's cache is reset first, or a contender would reuse code compiled for another one of
+    # the same module and shape (inductor's on-disk cache of this run still serves repeated graphs).
+    if compiled:
+        torch._dynamo.reset()
+    first_call: list[float] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        call(first_call=first_call)
+        warmup = time.perf_counter() - t0
+    notes = [str(w.message) for w in caught]
+    if graph and any("capture failed" in m for m in notes):
+        pytest.fail(f"graph=True fell back to eager: {notes}")
+    if lib == "fastddim":
+        last = fastddim.info()["last_run"]
+        compile_s, capture_s = last.get("compile_seconds"), last.get("capture_seconds")
+        desc.update(batch_size=last["batch_size"], backend=last["backend"], dtype=last["dtype"],
+                    compile=last["compile"] or False, memory_format=last["memory_format"], graph=last.get("graph"))
+    else:
+        compile_s, capture_s = (first_call[0] if compiled and first_call else None), None
+    if compiled or graph:
+        t0 = time.perf_counter()
+        call()
+        estimate = time.perf_counter() - t0
+    else:
+        estimate = warmup
+    rounds = _rounds(estimate, dev)
+
+    with PeakMemory(dev) as mem:
+        result = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+    if contender == BASELINE and eta == 0.0:
+        _REFERENCE[(dev, name, n, S)] = (_x_T(cell, model_setup(name, dev)[1]), result.float())
+    del result
+    stats = benchmark.stats.stats
+    median = stats.median
+
+    info = {
+        "cell": cell_id, "contender": contender, "library": lib, "model": name, "n": n, "S": S, "eta": eta,
+        "device": dev, "device_name": _device_name(dev), "threads": torch.get_num_threads() if dev == "cpu" else None,
+        "nproc": os.cpu_count(), "images_per_s": round(n / median, 3), "seconds_median": median, "seconds_min": stats.min,
+        "rounds": rounds, "warmup_seconds": round(warmup, 3), "compile_seconds": compile_s, "capture_seconds": capture_s,
+        "loadavg_start": load_start, "loadavg_end": _loadavg(), "command": " ".join(sys.argv),
+        "speedup_vs_diffusers_eager": None, "warnings": notes or None, **desc, **mem.info(), **_versions(),
+    }
+    info.setdefault("dtype", dt)
+
+    # The floor: S x batches x one forward as this contender calls it (U-Nets only: the cheap
+    # model's forward is one elementwise pass, so the ratio would only restate the sampler's cost).
+    if name != "cheap":
+        fw = forward_alone(cell, contender)
+        fw["overhead"] = round(median / fw["floor_seconds"] - 1, 4)
+        info.update(fw)
+    gflop = model_setup(name, dev)[4]
+    if dev == "cuda":
+        rate = matmul_tflops()
+        info["matmul_bf16_tflops"] = round(rate, 1)
+        if gflop is not None:
+            info["fraction_of_ceiling"] = round(n * S * gflop * 1e9 / median / (rate * 1e12), 4)
+
+    # Paired ratio in the bar cells: alternate diffusers-eager and this call, PAIRS times.
+    key = (cell, contender)
+    if key in BARS:
+        base_call, _ = make_call(cell, BASELINE)
+        ratios = []
+        for _ in range(PAIRS):
+            t0 = time.perf_counter()
+            base_call()
+            d = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            call()
+            ratios.append(d / (time.perf_counter() - t0))
+        info["paired_ratios"] = [round(r, 3) for r in ratios]
+        info["paired_ratio_median"] = round(sorted(ratios)[len(ratios) // 2], 3)
+
+    # The check (not timed): fastddim from the diffusers loop's x_T at eta = 0.
+    if lib == "fastddim" and eta == 0.0:
+        x_T, ref = reference(cell)
+        out = call(x_T=x_T)
+        diff = (out.float() - ref).abs().max().item()
+        scale = max(1.0, ref.abs().max().item())  # the cheap model's x_0 reaches ~240
+        tol = CHECK_TOL[("bf16" if dtype != torch.float32 else "fp32", compiled)] * scale
+        info.update(check_max_abs_diff=diff, check_tol=tol, check_ref_max_abs=scale)
+    benchmark.extra_info.update(info)
+    record_median(cell_id, contender, median, baseline=BASELINE, row=info, bar=BARS.get(key))
+    if "check_max_abs_diff" in info:
+        assert info["check_max_abs_diff"] <= info["check_tol"], (
+            f"fastddim differs from the diffusers loop by {info['check_max_abs_diff']:.3g} (tol {info['check_tol']:g})")
