@@ -181,3 +181,26 @@ def pytest_terminal_summary(terminalreporter):
             verdict = "met" if ratio >= minimum else "MISSED"
             w(f"  {label}: {ratio:.2f}x from the medians ({base:.4f} s / {t:.4f} s), paired median "
               f"{_fmt(paired, '.2f')}x {row.get('paired_ratios', '')}; bar >= {minimum:g}x: {verdict}")
+
+
+def device_slug() -> str:
+    """The device part of a results file name: the GPU's name, or cpu-<nproc>cores-<CPU model>."""
+    import re
+
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        model = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next((line.split(":", 1)[1] for line in f if line.startswith("model name")), "")
+        except OSError:
+            pass
+        name = f"cpu-{os.cpu_count()}cores-{model or platform.machine()}"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--device-slug"]:  # for the Makefile's bench target
+    print(device_slug())
