@@ -295,3 +295,17 @@ def test_gpu_normal_op_replays_in_a_graph_with_new_rng(backend):
         graph.replay()
         want = noise.normal(seed, first, 4, 0, (3, 17, 19))
         assert_within_ulps(res.cpu(), want, MAX_ULPS[backend], f"{backend} replay seed={seed} first={first}")
+
+
+@pytest.mark.skipif(_ops.extension_error() is not None, reason=str(_ops.extension_error()))
+def test_cpu_simd_env_var_picks_the_scalar_path():
+    """FASTDDIM_CPU_SIMD=0, read once when fastddim._C loads, forces the portable path."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from fastddim import _ops; print(_ops.extension().cpu_simd())"
+    env = dict(os.environ, FASTDDIM_CPU_SIMD="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "scalar"
