@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "ddim_step", "normal_", "rng_state", "extension", "extension_error", "BUILD_HINT",
+    "ddim_step", "normal_", "rng_state", "seed_bits", "extension", "extension_error", "BUILD_HINT",
     "PRED_CODES", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD",
 ]
 
@@ -56,8 +56,12 @@ def rng_state(seed: int, first_index: int, device) -> torch.Tensor:
     Made once per run on ``device``; later batches update it in place, so that a captured CUDA
     graph, which baked in its address, sees the new values.
     """
-    bits = seed - 2**64 if seed >= 2**63 else seed
-    return torch.tensor([bits, first_index], dtype=torch.int64).to(device)
+    return torch.tensor([seed_bits(seed), first_index], dtype=torch.int64).to(device)
+
+
+def seed_bits(seed: int) -> int:
+    """The uint64 seed's bit pattern as an int64 (what rng[0] holds)."""
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def normal_(backend: str, res: torch.Tensor, rng: torch.Tensor, step: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import os
 import torch
 
 from . import reference
-from ._ops import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, PRED_CODES, rng_state  # the kernels' codes, one home
+from ._ops import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, PRED_CODES, rng_state, seed_bits  # the kernels' codes, one home
 from .noise import normal, normal_like_batch
 from .plan import Plan
 
@@ -136,7 +136,7 @@ class Step:
     def set_rng(self, seed: int, first_index: int) -> None:
         """Point the noise at (seed, first_index) in place (no allocation, no host sync)."""
         if seed != self.seed:
-            self.rng[0].fill_(seed - 2**64 if seed >= 2**63 else seed)
+            self.rng[0].fill_(seed_bits(seed))
             self.seed = seed
         if first_index != self.first_index:
             self.rng[1].fill_(first_index)
