@@ -171,8 +171,7 @@ def _describe(model, n: int, steps: int, *, eta, spacing, seed: int, shard_size:
     """(config, manifest): what a run's bytes depend on (hashed; checked on resume), and what it records."""
     from . import __version__
 
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    steps = check_int("steps", steps, 1)
     schedule = resolve_schedule(model, None)
     plan = make_plan(schedule, steps, eta=eta, spacing=spacing, **plan_kwargs)
     shape = resolve_shape(model, None, None)

@@ -12,6 +12,7 @@ replaced unless asked (``resume`` continues it, ``overwrite`` starts over); Ctrl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .checks import check_device
+from .checks import check_device, check_float, check_int, check_seed
 from .images import atomic_write
 from .models.unet import UNet, UNetConfig
 from .paths import output_file
@@ -184,8 +185,11 @@ def train(
     """
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
-    if steps < 0 or batch_size < 1 or log_every < 1 or save_every < 1:
-        raise ValueError("steps must be >= 0 and batch_size, log_every, save_every >= 1")
+    steps, warmup = check_int("steps", steps, 0), check_int("warmup", warmup, 0)
+    batch_size, log_every = check_int("batch_size", batch_size, 1), check_int("log_every", log_every, 1)
+    save_every, seed = check_int("save_every", save_every, 1), check_seed(seed)
+    lr, weight_decay = check_float("lr", lr, 0), check_float("weight_decay", weight_decay, 0)
+    ema_decay, grad_clip = check_float("ema_decay", ema_decay, 0, 1), check_float("grad_clip", grad_clip, 0)
     out = Path(output_file(out, "out"))
     if log_file is not None:
         log_file = output_file(log_file, "log_file")
@@ -213,16 +217,12 @@ def train(
                       schedule_kind=schedule, train_args=train_args)
     if ck is not None:
         run.restore(ck)
-    log = open(log_file, "a") if log_file else None
-    if log and ck is None:
-        log.write(f"# fastddim train {json.dumps(train_args)}\n# step loss images_per_s elapsed_s\n")
-    try:
+    with open(log_file, "a") if log_file else contextlib.nullcontext() as log:
+        if log and ck is None:
+            log.write(f"# fastddim train {json.dumps(train_args)}\n# step loss images_per_s elapsed_s\n")
         return run.loop(ck.step if ck is not None else 0, steps, batch_size=batch_size, lr=lr, warmup=warmup,
                         grad_clip=grad_clip, ema_decay=ema_decay, save_every=save_every, log_every=log_every,
                         log=log, progress=progress)
-    finally:
-        if log:
-            log.close()
 
 
 def _resume_checkpoint(out: Path, cfg: UNetConfig):
