@@ -5,7 +5,10 @@
     (`make bench` runs this and bench_ddim_step.py and names the JSON itself)
 
 Each row is one contender on one cell (model, n, S, eta, intra-op threads); the contenders of a
-cell run one after the other, so they see the same machine. Contenders:
+cell run one after the other, so they see the same machine. Models: `cheap` (eps = 0.1 x as an
+nn.Module, 3x32x32: the sampler's own cost), `mnist` (fastddim.pretrained(), 1x32x32),
+`cifar10d` (diffusers UNet2DModel in the DDPM CIFAR-10 configuration, random weights, 35.7M
+parameters), `cifar10` (fastddim's UNet("cifar10"), random weights; CUDA only). Contenders:
   diffusers-eager        DDIMScheduler loop over the module as loaded: set_timesteps(S), x_T from
                          torch.randn, out = model(x, t), step(out, t, x, eta=eta, generator=g)
   diffusers-compile      the same loop over torch.compile(model, dynamic=False)
@@ -24,14 +27,15 @@ the reset; CUDA: max_memory_allocated after reset_peak_memory_stats), the untime
 the compile / capture time inside it (fastddim: info()["last_run"]; diffusers: its first model
 call), the forward alone at the contender's batch (S x batches x forward is the floor, and
 `overhead` is the run's time over it, minus 1), device, versions, n, S, eta, dtype, threads, and
-a check (not timed): at eta = 0 fastddim's samples from a given x_T against the diffusers loop
-from the same x_T. On CUDA also the fraction of the compute ceiling: n x S x 12.44 GFLOP (a
+a check (not timed): at eta = 0, fastddim's samples from x_T= (the diffusers loop's own
+torch.randn draw) against the diffusers loop's samples, within CHECK_TOL. On CUDA also the fraction of the compute ceiling: n x S x 12.44 GFLOP (a
 CIFAR-10 U-Net forward, FACTS.md section 5) over the run time, against an 8192^3 bf16 matmul
 measured in the same run.
 
 CPU: intra-op threads are 1 by default (FASTDDIM_BENCH_THREADS=1,2 for more): on a machine whose
 cores are shared with other jobs, a multi-thread parallel region waits for its slowest thread's
-next time slice and the medians describe the neighbours. The CIFAR-10 U-Net runs on the CPU at
+next time slice and the medians describe the neighbours. The bar cells also run at all cores
+(torch's default thread count), eager contenders only. The CIFAR-10 U-Net runs on the CPU at
 n = 1, S = 2, eager only; the MNIST U-Net at n = 1024 with S = 2 and eager only (CPU_SKIPS).
 
 GPU (one run, issue 11; the full grid compiles the big U-Net ~30 times, so pick cells):
@@ -104,7 +108,8 @@ def model_setup(name: str, device: str):
     torch.manual_seed(SEED)
     if name == "cheap":
         sched = DDIMScheduler(clip_sample=False)
-        return Cheap().to(device), (3, 32, 32), sched, dict(fastddim.from_diffusers(sched), shape=(3, 32, 32)), None
+        kw = dict(fastddim.from_diffusers(sched), shape=(3, 32, 32), device=device)  # no parameters to say where
+        return Cheap().to(device), (3, 32, 32), sched, kw, None
     if name == "mnist":
         m = fastddim.pretrained(device=device)
         sched = DDIMScheduler(trained_betas=m.schedule.betas.tolist(), clip_sample=False)
@@ -148,8 +153,9 @@ CONTENDERS = {
 CPU_CONTENDERS = ["diffusers-eager", "diffusers-compile", "fastddim-eager", "fastddim-compile"]
 
 # The bars (issue 10), side by side in one run: (cell, contender) -> (label, minimum speed-up).
+BAR_THREADS = sorted({*CPU_THREADS, ALL_CORES})
 BARS = {}
-for _thr in CPU_THREADS:
+for _thr in BAR_THREADS:
     _t = f"{_thr} thread" + ("s" if _thr > 1 else "")
     BARS[(("cpu", "cheap", 1024, 20, 1.0, _thr), "fastddim-eager")] = (f"(a) cheap model, n=1024, S=20, eta=1, {_t}", 3.0)
     BARS[(("cpu", "cheap", 1024, 20, 0.0, _thr), "fastddim-eager")] = (f"(a) cheap model, n=1024, S=20, eta=0, {_t}", 2.0)
@@ -183,6 +189,10 @@ def _cells():
         for threads in CPU_THREADS:
             for contender in CPU_CONTENDERS:
                 out.append(((*c, threads), contender))
+    # The bar cells also at every core (torch's default), eager contenders: what a user gets by default.
+    for cell, _ in BARS.items():
+        if cell[0][5] not in CPU_THREADS:
+            out += [(cell[0], BASELINE), (cell[0], "fastddim-eager")]
     if CUDA:
         for model in ("cifar10d", "cifar10", "mnist", "cheap"):
             for n, S in ((1, 10), (16, 10), (256, 10), (1024, 10), (1024, 50)):
@@ -418,7 +428,8 @@ def forward_alone(cell, contender) -> dict:
         b = run.batch_size
         t = run.t_dev[len(run.t_dev) // 2].expand(b)
         fn = lambda x, t: model_output(run.model, x, t, {})  # noqa: E731
-    x = torch.randn((b, *shape), device=dev).to(dtype)
+    with torch.inference_mode():  # as in the run: a normal tensor would make dynamo recompile
+        x = torch.randn((b, *shape), device=dev).to(dtype)
     res = _time_forward(fn, x, t, dev, graph=graph)
     batches = math.ceil(n / b)
     res.update(forward_batch=b, model_calls=S * batches, floor_seconds=S * batches * res["forward_seconds"])
@@ -449,12 +460,13 @@ def reference(cell):
     return _REFERENCE[key]
 
 
-# Tolerances of the check (max |fastddim - diffusers| over all elements of x_0, from the same x_T,
-# relative to max(1, max |x_0|)).
-# fp32 eager: channels_last convolutions and the fused step reorder fp32 sums; measured
-# differences are ~1e-6 for the U-Nets at S = 10 (see RESULTS.md); 1e-4 leaves room for other CPUs.
-# Compiled: inductor fuses and reorders more. bf16: the model runs in bf16 (8 bits of mantissa).
-CHECK_TOL = {("fp32", False): 1e-4, ("fp32", True): 1e-3, ("bf16", False): 0.15, ("bf16", True): 0.15}
+# Tolerances of the check: max |fastddim - diffusers| over all elements of x_0 from the same x_T,
+# relative to max(1, max |x_0|). CPU fp32: channels_last convolutions and the fused step reorder
+# fp32 sums (measured: <= 2e-5 for the U-Nets, 0 for the cheap model, RESULTS.md); compiled:
+# inductor fuses and reorders more. CUDA fp32: cuDNN convolutions run in TF32 by default
+# (torch.backends.cudnn.allow_tf32) on both sides, in different algorithms per layout.
+# bf16 (CUDA) is recorded, not asserted: its bound is tests/' business (graph + compile tests).
+CHECK_TOL = {("cpu", False): 1e-4, ("cpu", True): 1e-3, ("cuda", False): 3e-2, ("cuda", True): 3e-2}
 
 
 # ---------------------------------------------------------------------------------------- the test
@@ -484,9 +496,11 @@ def _run(benchmark, record_median, cell, contender):
     call, desc = make_call(cell, contender)
 
     # Warm-up (untimed): compile, capture, first touch. Its compile/capture part is reported apart.
-    # Dynamo's cache is reset first, or a contender would reuse code compiled for another one of
-    # the same module and shape (inductor's on-disk cache of this run still serves repeated graphs).
-    if compiled:
+    # On the CPU dynamo's cache is reset first, or a contender would reuse code compiled for another
+    # one of the same module and shape (the cheap model; inductor's on-disk cache of this run still
+    # serves repeated graphs). Not on CUDA, where recompiling the big U-Net per row costs device time:
+    # there a row's compile_seconds is small when an earlier row compiled the same module and shape.
+    if compiled and dev == "cpu":
         torch._dynamo.reset()
     first_call: list[float] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -540,6 +554,7 @@ def _run(benchmark, record_median, cell, contender):
     if dev == "cuda":
         rate = matmul_tflops()
         info["matmul_bf16_tflops"] = round(rate, 1)
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         if gflop is not None:
             info["fraction_of_ceiling"] = round(n * S * gflop * 1e9 / median / (rate * 1e12), 4)
 
@@ -564,10 +579,10 @@ def _run(benchmark, record_median, cell, contender):
         out = call(x_T=x_T)
         diff = (out.float() - ref).abs().max().item()
         scale = max(1.0, ref.abs().max().item())  # the cheap model's x_0 reaches ~240
-        tol = CHECK_TOL[("bf16" if dtype != torch.float32 else "fp32", compiled)] * scale
+        tol = CHECK_TOL[(dev, compiled)] * scale if dtype == torch.float32 else None
         info.update(check_max_abs_diff=diff, check_tol=tol, check_ref_max_abs=scale)
     benchmark.extra_info.update(info)
     record_median(cell_id, contender, median, baseline=BASELINE, row=info, bar=BARS.get(key))
-    if "check_max_abs_diff" in info:
+    if info.get("check_tol") is not None:
         assert info["check_max_abs_diff"] <= info["check_tol"], (
             f"fastddim differs from the diffusers loop by {info['check_max_abs_diff']:.3g} (tol {info['check_tol']:g})")
