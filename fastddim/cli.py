@@ -109,7 +109,7 @@ def _load(args, device=None):
     dev = check_device("--device", device if device is not None else args.device)
     model = load_model(args.model, dev)
     if args.dtype != "float32" and isinstance(model, torch.nn.Module):
-        model = model.to(getattr(torch, args.dtype))  # the state x_t stays float32
+        model = model.to(_dtype(args.dtype))  # the state x_t stays float32
     try:
         backend = resolve_backend(args.backend, dev)
     except RuntimeError as e:
@@ -286,7 +286,6 @@ def _add_invert(sub) -> None:
 
 def cmd_invert(args) -> int:
     import numpy as np
-    import torch
 
     import fastddim
 
@@ -337,8 +336,6 @@ def _add_interpolate(sub) -> None:
 
 
 def cmd_interpolate(args) -> int:
-    import torch
-
     import fastddim
 
     from .images import save_images, to_uint8
