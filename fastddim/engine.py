@@ -320,7 +320,7 @@ class Run:
     """A prepared run: everything but the samples. Make it with ``prepare``.
 
     Attributes: ``model`` (as called: the user's, or a cached converted/compiled copy), ``plan``,
-    ``backend``, ``shape`` (one sample), ``device``, ``dtype`` (the model input's; the state x_t
+    ``schedule`` (None when prepared from a given plan), ``backend``, ``shape`` (one sample), ``device``, ``dtype`` (the model input's; the state x_t
     is float32), ``batch_size``, ``seed``, ``n``/``first_index`` (the samples that per-sample
     ``model_kwargs`` rows describe), ``step`` (the fused step with its static device buffers),
     ``compile_mode`` and ``compile_seconds`` (the first compiled call), ``capture_seconds`` (CUDA
@@ -329,6 +329,7 @@ class Run:
 
     model: Callable
     plan: Plan
+    schedule: Schedule | None
     backend: str
     shape: tuple[int, ...]
     device: torch.device
@@ -415,12 +416,15 @@ class Run:
 
     # ---- the driver
     def sample(self, n: int | None = None, first_index: int | None = None, x_T: torch.Tensor | None = None, *,
-               progress: bool | None = None, callback=None, graph: bool = False) -> torch.Tensor:
+               progress: bool | None = None, callback=None, graph: bool = False,
+               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
         """Samples first_index .. first_index + n - 1 as (n, *shape) float32 on the run's device.
 
         Defaults: the n samples the run was prepared for. ``x_T`` (n, *shape): start from it
         instead of the seeded noise. ``callback(step, t, x_prev, x0)`` runs after every step
-        (the eager path only). ``graph``: replay a captured CUDA graph per batch (graph.py).
+        (the eager path only; prepare with need_x0=True for its x0). ``on_batch(b)`` runs after
+        each batch of b samples (progress without host work per step). ``graph``: replay a
+        captured CUDA graph per batch (graph.py).
         """
         n = self.n if n is None else check_int("n", n, 1)
         first_index = self.first_index if first_index is None else check_int("first_index", first_index, 0)
@@ -441,6 +445,8 @@ class Run:
                     result[start:start + b] = self._batch(x, b, idx0, callback, replay)
                     if bar is not None:
                         bar.update(b)
+                    if on_batch is not None:
+                        on_batch(b)
         finally:
             if bar is not None:
                 bar.close()
@@ -555,7 +561,7 @@ def prepare(
     low = dtype if dtype != torch.float32 else None
     step = make_step(backend_name, plan, seed, need_x0=need_x0, device=dev, low_dtype=low)
     return Run(
-        model=called, plan=plan, backend=backend_name, shape=shape, device=dev, dtype=dtype, batch_size=batch_size,
+        model=called, plan=plan, schedule=schedule if isinstance(schedule, Schedule) else None, backend=backend_name, shape=shape, device=dev, dtype=dtype, batch_size=batch_size,
         seed=seed, n=n, first_index=first_index, step=step, shared_kwargs=shared, per_sample_kwargs=per_sample,
         learned_variance=learned_variance, check_finite=bool(check_finite), compile_mode=mode, memory_format=fmt,
         pad=mode is not None if pad is None else bool(pad),

@@ -50,11 +50,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .checks import check_device, check_int
-from .dispatch import resolve_backend
-from .engine import resolve_schedule, resolve_shape
+from .engine import Run, prepare
 from .images import to_uint8
 from .paths import output_folder
-from .plan import make_plan
 from .sampler import sample
 from .shards import (  # noqa: F401  (ConfigMismatch, config_hash, shard_ranges: re-exported)
     DEFAULT_SHARD_SIZE, ConfigMismatch, Progress, RunFolder, config_hash, model_digest, shard_ranges,
@@ -130,20 +128,11 @@ def sample_range(model: Callable, start: int, stop: int, batch_size: int | None 
                  class_label: int | None = None, classes: int | None = None, x_T: torch.Tensor | None = None,
                  **sample_kwargs) -> torch.Tensor:
     """``fastddim.sample`` of images start .. stop - 1 (x_T: their initial noise, optional), with
-    their ``class_labels`` when labels are asked for; returns (stop - start, *shape).
-
-    With a batch size, each batch is its own ``sample`` call given only its own labels, so this
-    holds whether or not ``fastddim.sample`` slices per-sample ``model_kwargs`` itself."""
-    def part(a: int, b: int, bs: int | None) -> torch.Tensor:
-        labels = class_labels(a, b, class_label=class_label, classes=classes, device=sample_kwargs.get("device"))
-        x = None if x_T is None else x_T[a - start:b - start]
-        return sample(model, n=b - a, first_index=a, batch_size=bs, x_T=x,
-                      model_kwargs=None if labels is None else {"class_labels": labels}, **sample_kwargs)
-
-    if (class_label is None and classes is None) or batch_size is None:
-        return part(start, stop, batch_size)
-    return torch.cat([part(a, min(stop, a + batch_size), min(stop, a + batch_size) - a)
-                      for a in range(start, stop, batch_size)])
+    their ``class_labels`` (sliced per batch by the sampler) when labels are asked for; returns
+    (stop - start, *shape)."""
+    labels = class_labels(start, stop, class_label=class_label, classes=classes, device=sample_kwargs.get("device"))
+    return sample(model, n=stop - start, first_index=start, batch_size=batch_size, x_T=x_T,
+                  model_kwargs=None if labels is None else {"class_labels": labels}, **sample_kwargs)
 
 
 @contextlib.contextmanager
@@ -165,16 +154,13 @@ def _run_device(model, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _describe(model, n: int, steps: int, *, eta, spacing, seed: int, shard_size: int, dtype: torch.dtype,
-              dev: torch.device, backend: str, model_name: str | None, threads: int | None, labels: dict | None,
-              plan_kwargs: dict) -> tuple[dict, dict]:
+def _describe(model, run: Run, *, spacing, shard_size: int, model_name: str | None, threads: int | None,
+              labels: dict | None) -> tuple[dict, dict]:
     """(config, manifest): what a run's bytes depend on (hashed; checked on resume), and what it records."""
     from . import __version__
 
-    steps = check_int("steps", steps, 1)
-    schedule = resolve_schedule(model, None)
-    plan = make_plan(schedule, steps, eta=eta, spacing=spacing, **plan_kwargs)
-    shape = resolve_shape(model, None, None)
+    plan, schedule, shape, dev = run.plan, run.schedule, run.shape, run.device
+    seed, n, dtype, backend = run.seed, run.n, run.dtype, run.backend
     digest = model_digest(model)
     config = {
         "model": digest if digest is not None else f"name:{model_name}",
@@ -183,6 +169,8 @@ def _describe(model, n: int, steps: int, *, eta, spacing, seed: int, shard_size:
         "seed": seed, "n": n, "shard_size": shard_size, "shape": list(shape),
         "dtype": str(dtype).replace("torch.", ""), "device_type": dev.type, "backend": backend,
         "image_format": "uint8 NHWC round((x+1)*127.5)", "threads": threads, "class_labels": labels,
+        # channels_last reorders the model's fp32 sums: shards made in another layout may differ in the last bit
+        "memory_format": str(run.memory_format).replace("torch.", ""),
     }
     manifest = {
         "model": model_name, "model_sha256": digest, "schedule": schedule.to_dict(), "steps": plan.steps,
@@ -192,7 +180,8 @@ def _describe(model, n: int, steps: int, *, eta, spacing, seed: int, shard_size:
         "shape": list(shape), "image_layout": "NHWC uint8, round((x + 1) * 127.5) clamped to [0, 255]",
         "dtype": config["dtype"], "device_type": dev.type,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "backend": backend, "threads": threads, "torch": torch.__version__, "fastddim": __version__,
+        "backend": backend, "memory_format": config["memory_format"], "threads": threads,
+        "torch": torch.__version__, "fastddim": __version__,
         "class_labels": None if labels is None else {
             **labels, "rule": f"every image has label {labels['class_label']}" if "class_label" in labels
             else f"image i has label i % {labels['classes']}"},
@@ -217,23 +206,19 @@ def _my_shards(folder: RunFolder, old: dict | None, rank: int, world: int, batch
     return todo
 
 
-def _make_shards(folder: RunFolder, todo: list[int], bar: Progress, model, batch_size: int, labels: dict | None,
-                 sample_kwargs: dict) -> int:
-    """Make the shards ``todo``; returns the number of images made."""
+def _make_shards(folder: RunFolder, todo: list[int], bar: Progress, run: Run) -> int:
+    """Make the shards ``todo`` from the job's prepared run; returns the number of images made."""
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
-    last_step = sample_kwargs["steps"] - 1
 
-    def on_step(j, t, x, x0):
-        if j == last_step:
-            bar.inflight += x.shape[0]
-            bar.poll()
+    def on_batch(b: int) -> None:
+        bar.inflight += b
+        bar.poll()
 
     made = 0
     for count, k in enumerate(todo, 1):
         a, b = folder.ranges[k]
         bar.inflight = 0
-        x = sample_range(model, a, b, batch_size, **(labels or {}), progress=False,
-                         callback=on_step if bar.bar is not None else None, **sample_kwargs)
+        x = run.sample(b - a, first_index=a, progress=False, on_batch=on_batch if bar.bar is not None else None)
         folder.write_shard(k, to_uint8(x))
         made += b - a
         bar.inflight = 0
@@ -274,8 +259,8 @@ def generate(
             already on ``device``; images are taken to lie in [-1, 1].
         n, steps, eta, spacing, seed, dtype, backend, plan_kwargs: as for ``fastddim.sample``.
         out_dir: the output folder (created with its parents if needed).
-        batch_size: samples per model call (default: min(shard_size, 256 on CUDA / 64 on CPU));
-            capped at the shard size. Not part of the configuration.
+        batch_size: samples per model call (default: ``fastddim.sample``'s, flat in n); capped at
+            the shard size. Not part of the configuration.
         shard_size: images per shard file (part of the configuration).
         device: where to sample (default: the model's device).
         model_name: how the model was named (recorded in the manifest; used in the configuration
@@ -299,13 +284,16 @@ def generate(
     out_dir = output_folder(out_dir, "out_dir")
     labels = _label_spec(class_label, classes)
     dev = _run_device(model, device)
-    backend = resolve_backend(backend, dev)
+    # One prepared run for the whole job (not one per shard): checks, plan, backend, the model as
+    # called and the step's static buffers, made once; the labels of all n images, sliced per batch.
+    job_labels = class_labels(0, n, class_label=class_label, classes=classes, device=dev)
+    run = prepare(model, n, steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size, device=dev,
+                  dtype=dtype, backend=backend, model_kwargs=None if job_labels is None else {"class_labels": job_labels},
+                  **plan_kwargs)
+    run.batch_size = batch_size = min(run.batch_size, shard_size)  # a batch never spans two shards
     threads = threads if dev.type == "cpu" else None
-    config, manifest = _describe(model, n, steps, eta=eta, spacing=spacing, seed=seed, shard_size=shard_size,
-                                 dtype=dtype, dev=dev, backend=backend, model_name=model_name, threads=threads,
-                                 labels=labels, plan_kwargs=plan_kwargs)
-    batch_size = min(check_int("batch_size", batch_size, 1) if batch_size is not None
-                     else 256 if dev.type == "cuda" else 64, shard_size)
+    config, manifest = _describe(model, run, spacing=spacing, shard_size=shard_size, model_name=model_name,
+                                 threads=threads, labels=labels)
     folder = RunFolder(out_dir, config, n, shard_size, (*manifest["shape"][1:], manifest["shape"][0]))
     manifest.update(config_hash=folder.hash, batch_size=batch_size)
     old = folder.check()
@@ -318,12 +306,10 @@ def generate(
 
     todo = _my_shards(folder, old, rank, world, batch_size, log)
     bar = Progress(bool(sys.stderr.isatty() if progress is None else progress) and rank == 0, folder)
-    sample_kwargs = dict(steps=steps, eta=eta, spacing=spacing, seed=seed, device=dev, dtype=dtype, backend=backend,
-                         **plan_kwargs)
     t0 = time.perf_counter()
     try:
         with _threads(threads):
-            made = _make_shards(folder, todo, bar, model, batch_size, labels, sample_kwargs)
+            made = _make_shards(folder, todo, bar, run)
         made, seconds = _meet(world, made, time.perf_counter() - t0, bar, dev)
     finally:
         bar.close()

@@ -198,3 +198,16 @@ def test_v_prediction_model_through_the_engine_matches_reference_backend():
     kw = dict(n=3, steps=4, prediction_type="v_prediction", memory_format=torch.contiguous_format, progress=False)
     torch.testing.assert_close(fastddim.sample(net, **kw), fastddim.sample(net, backend="torch", **kw), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_generate_prepares_once_per_job(tmp_path, monkeypatch):
+    from fastddim import generate as gen
+
+    calls = []
+    real = gen.prepare
+    monkeypatch.setattr(gen, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    labels_model = CondModel()
+    manifest = gen.generate(labels_model, 10, 3, str(tmp_path / "run"), shard_size=4, batch_size=3, classes=3,
+                            progress=False, log=lambda s: None)
+    assert len(calls) == 1 and manifest["num_shards"] == 3
+    assert set(labels_model.batches) <= {3, 1, 2} and max(labels_model.batches) == 3  # a batch never spans shards
