@@ -17,6 +17,8 @@ parameters), `cifar10` (fastddim's UNet("cifar10"), random weights; CUDA only). 
   fastddim-compile       compile=True
   fastddim-graph         (CUDA) graph=True, fp32
   fastddim-graph-compile-bf16  (CUDA) graph=True, compile=True, dtype=torch.bfloat16
+  fastddim-nocheck, fastddim-bf16  (CPU diagnostics in the bar cells) check_finite=False on the
+                         cheap model; dtype=torch.bfloat16 on the MNIST U-Net
 Both sides run under inference mode (fastddim enters it itself), draw their own x_T inside the
 timed call, and sample the same schedule, timesteps and update (clip_sample=False).
 
@@ -149,7 +151,11 @@ CONTENDERS = {
     "fastddim-compile": ("fastddim", True, False, torch.float32),
     "fastddim-graph": ("fastddim", False, True, torch.float32),
     "fastddim-graph-compile-bf16": ("fastddim", True, True, torch.bfloat16),
+    # Diagnostics on the CPU, in the bar cells only: what the bars' misses are made of.
+    "fastddim-nocheck": ("fastddim", False, False, torch.float32),  # check_finite=False
+    "fastddim-bf16": ("fastddim", False, False, torch.bfloat16),  # dtype=torch.bfloat16 (not fp32-identical)
 }
+EXTRA_KWARGS = {"fastddim-nocheck": {"check_finite": False}}
 CPU_CONTENDERS = ["diffusers-eager", "diffusers-compile", "fastddim-eager", "fastddim-compile"]
 
 # The bars (issue 10), side by side in one run: (cell, contender) -> (label, minimum speed-up).
@@ -161,7 +167,7 @@ for _thr in BAR_THREADS:
     BARS[(("cpu", "cheap", 1024, 20, 0.0, _thr), "fastddim-eager")] = (f"(a) cheap model, n=1024, S=20, eta=0, {_t}", 2.0)
     BARS[(("cpu", "mnist", 64, 10, 0.0, _thr), "fastddim-eager")] = (
         f"(b) fastddim.sample(fastddim.pretrained(), n=64, steps=10), defaults, {_t}", 2.0)
-PAIRS = 5  # interleaved (diffusers-eager, fastddim) pairs in a bar cell: a paired ratio robust to drift
+PAIRS = 7  # interleaved (diffusers-eager, fastddim) pairs in a bar cell: a paired ratio robust to drift
 
 # Rows left out on the CPU, with the reason pytest prints (-rs). Compiling a U-Net at a new shape
 # takes 1-2 minutes there (inductor's C++ backend, one loaded core), each contender and batch
@@ -193,6 +199,13 @@ def _cells():
     for cell, _ in BARS.items():
         if cell[0][5] not in CPU_THREADS:
             out += [(cell[0], BASELINE), (cell[0], "fastddim-eager")]
+    # Diagnostics right after their cell's rows: the finiteness check's share of the cheap model's
+    # run, and what bf16 gives the MNIST U-Net.
+    diag = {"cheap": "fastddim-nocheck", "mnist": "fastddim-bf16"}
+    for i in range(len(out) - 1, -1, -1):
+        cell, contender = out[i]
+        if contender == "fastddim-eager" and (cell, contender) in BARS:
+            out.insert(i + 1, (cell, diag[cell[1]]))
     if CUDA:
         for model in ("cifar10d", "cifar10", "mnist", "cheap"):
             for n, S in ((1, 10), (16, 10), (256, 10), (1024, 10), (1024, 50)):
@@ -395,7 +408,7 @@ def make_call(cell, contender):
 
         return call, {"batch_size": n, "compile": "default" if compiled else False, "graph": False,
                       "dtype": str(dtype).removeprefix("torch."), "memory_format": "contiguous_format"}
-    kwargs = dict(kw)
+    kwargs = dict(kw, **EXTRA_KWARGS.get(contender, {}))
     if eta != 0.0:
         kwargs["eta"] = eta
     if compiled:
@@ -560,7 +573,7 @@ def _run(benchmark, record_median, cell, contender):
 
     # Paired ratio in the bar cells: alternate diffusers-eager and this call, PAIRS times.
     key = (cell, contender)
-    if key in BARS:
+    if key in BARS or contender in ("fastddim-nocheck", "fastddim-bf16"):
         base_call, _ = make_call(cell, BASELINE)
         ratios = []
         for _ in range(PAIRS):

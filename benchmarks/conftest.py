@@ -178,7 +178,9 @@ def pytest_terminal_summary(terminalreporter):
                 continue
             ratio = base / t
             paired = row.get("paired_ratio_median")
-            verdict = "met" if ratio >= minimum else "MISSED"
+            # Both figures must clear the bar: on a shared machine the medians of back-to-back
+            # rounds and the interleaved pairs can disagree.
+            verdict = "met" if min(ratio, paired if paired is not None else ratio) >= minimum else "MISSED"
             w(f"  {label}: {ratio:.2f}x from the medians ({base:.4f} s / {t:.4f} s), paired median "
               f"{_fmt(paired, '.2f')}x {row.get('paired_ratios', '')}; bar >= {minimum:g}x: {verdict}")
 
