@@ -211,3 +211,22 @@ def test_generate_prepares_once_per_job(tmp_path, monkeypatch):
                             progress=False, log=lambda s: None)
     assert len(calls) == 1 and manifest["num_shards"] == 3
     assert set(labels_model.batches) <= {3, 1, 2} and max(labels_model.batches) == 3  # a batch never spans shards
+
+
+def test_plans_are_cached_per_schedule_and_options():
+    s = fastddim.Schedule.linear()
+    a = engine.plan_for(s, 10, 0.0, "uniform", {})
+    assert engine.plan_for(s, 10, 0.0, "uniform", {}) is a
+    assert engine.plan_for(s, 10, 1.0, "uniform", {}) is not a
+    assert engine.plan_for(s, 10, 0.0, "uniform", {"clip_sample": True}).clip_sample
+    assert engine.plan_for(s, 3, 0.0, [900, 500, 0], {}).timesteps == (900, 500, 0)
+    with torch.no_grad():
+        s.alphas_cumprod.mul_(1.0)  # changed in place: the cached plan is not reused
+    assert engine.plan_for(s, 10, 0.0, "uniform", {}) is not a
+
+
+def test_a_module_built_under_inference_mode_samples():
+    with torch.inference_mode():
+        net = tiny_unet()
+    x = fastddim.sample(net, n=2, steps=3, dtype=torch.bfloat16, progress=False)
+    assert x.shape == (2, *SHAPE)
