@@ -155,11 +155,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "read by the kernel (on a GPU: on the device, on the current stream), so a captured CUDA graph\n"
         "replays with new ones.",
         py::arg("res"), py::arg("rng"), py::arg("step"));
-  m.def("cpu_simd", [](c10::optional<bool> simd) { return std::string(fastddim::cpu_simd(simd ? int(*simd) : -1)); },
-        "The CPU kernels' noise path, 'avx2' (AVX2+FMA, 8 Philox groups at a time) or 'scalar' (portable),\n"
-        "after switching it when simd is True/False (True raises without AVX2+FMA). Both make\n"
-        "fastddim.noise's numbers: Philox bit for bit, normals within a few ulp. The default is\n"
-        "'avx2' where the processor has it, unless FASTDDIM_CPU_SIMD=0 was set when fastddim._C loaded.",
+  m.def("cpu_simd",
+        [](py::object simd) {
+          int level = fastddim::kSimdAsk;
+          if (py::isinstance<py::bool_>(simd)) {
+            level = simd.cast<bool>() ? fastddim::kSimdDefault : fastddim::kSimdScalar;
+          } else if (py::isinstance<py::int_>(simd)) {
+            level = simd.cast<int>();
+            TORCH_CHECK(level >= fastddim::kSimdScalar && level <= fastddim::kSimdAvx512, "cpu_simd: level must be 0, 1 or 2, got ", level);
+          } else if (py::isinstance<py::str>(simd)) {
+            const std::string name = simd.cast<std::string>();
+            level = fastddim::cpu_simd_level(name.c_str());
+            TORCH_CHECK(level >= 0, "cpu_simd: unknown path '", name, "' (scalar, avx2, avx512 or 0, 1, 2)");
+          } else {
+            TORCH_CHECK(simd.is_none(), "cpu_simd: simd must be None, a bool, a level or a path name");
+          }
+          return std::string(fastddim::cpu_simd(level));
+        },
+        "The CPU kernels' noise path, 'avx512' (AVX-512F, 16 Philox groups at a time), 'avx2' (AVX2+FMA,\n"
+        "8 at a time) or 'scalar' (portable), after switching it when simd is given: a name, a level\n"
+        "(0 scalar, 1 avx2, 2 avx512; raises where the processor or build lacks it), True (the default\n"
+        "SIMD path) or False (scalar). All make fastddim.noise's numbers: Philox bit for bit, normals\n"
+        "within a few ulp (avx512 and avx2 equal bit for bit). The default is the best path the\n"
+        "processor has, at most FASTDDIM_CPU_SIMD's (same names or levels) when fastddim._C loaded.",
         py::arg("simd") = py::none());
   m.def("philox4x32", &fastddim::philox4x32,
         "Raw Philox-4x32-10 of each row of ctr (M, 4) int64 (uint32 values) with key (seed low, high) -> (M, 4) int64.",

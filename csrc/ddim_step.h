@@ -83,9 +83,16 @@ FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, const Mode& m, flo
 void ddim_step_cpu(const StepArgs& a);
 void normal_cpu(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step);
 void philox_cpu(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed);
-// The CPU noise path: "avx2" or "scalar". enable = 1 / 0 switches it (1 fails without AVX2+FMA);
-// -1 only asks. The default is AVX2+FMA where the processor has them, unless FASTDDIM_CPU_SIMD=0.
-const char* cpu_simd(int enable);
+// The CPU noise paths, by level: the portable scalar one, AVX2+FMA (8 Philox groups at a time),
+// AVX-512F (16 at a time, the same normals as AVX2 bit for bit).
+enum CpuSimd : int { kSimdAsk = -1, kSimdDefault = -2, kSimdScalar = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+// The level a name means: "0"/"scalar", "1"/"avx2", "2"/"avx512"; -1 for anything else.
+int cpu_simd_level(const char* name);
+// The CPU noise path's name ("avx512", "avx2" or "scalar"), after switching it to level (a
+// CpuSimd; fails where the processor or build lacks it), or to the default SIMD path for
+// kSimdDefault; kSimdAsk only asks. The default is the best level the processor has, at most
+// FASTDDIM_CPU_SIMD's when that was set as fastddim._C loaded.
+const char* cpu_simd(int level);
 #ifdef FASTDDIM_WITH_CUDA
 void ddim_step_cuda(const StepArgs& a);
 void normal_cuda(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step);  // rng on the device

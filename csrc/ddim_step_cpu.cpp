@@ -6,14 +6,23 @@
 // vectorises (noise and x0 are template flags, clipping is per-sample data). normal_cpu is the
 // same noise written straight out (4 B per element).
 //
-// The noise has two paths, picked at run time (cpu_simd): AVX2+FMA, 8 Philox groups at a time
-// (32x32->64 products with _mm256_mul_epu32, our own vectorised log and sincos), and the
-// portable scalar one (philox.h's gaussian4 with libm), used where AVX2/FMA are missing, on
-// non-x86 and with FASTDDIM_CPU_SIMD=0. Both give the spec's Philox integers bit for bit and
-// normals within a few ulp of fastddim/noise.py's. A path computes every group the same way
-// wherever a chunk starts, so the noise of an element does not depend on batch size or threads.
-// Cost on one core (benchmarks/RESULTS.md): ~6 ns per group of 4 on the AVX2 path, ~32 ns on the
-// scalar one; the step's memory pass adds ~2.4 ns per group at fp32.
+// The noise has three paths, picked at run time (cpu_simd): AVX-512F, 16 Philox groups at a
+// time, and AVX2+FMA, 8 at a time (32x32->64 products with _mm512/_mm256_mul_epu32, our own
+// vectorised log and sincos, the same operations in the same order on both, so their normals are
+// equal bit for bit), and the portable scalar one (philox.h's gaussian4 with libm), used where
+// AVX2/FMA are missing and on non-x86. The SIMD functions are compiled with
+// __attribute__((target(...))), so the default build runs on any x86-64. All give the spec's
+// Philox integers bit for bit and normals within a few ulp of fastddim/noise.py's. A path computes
+// every group the same way wherever a chunk starts, so the noise of an element does not depend on
+// batch size or threads.
+// Selecting a path: the default is the best the processor has (avx512 > avx2 > scalar), at most
+// the level FASTDDIM_CPU_SIMD names when fastddim._C loads: 0 or "scalar", 1 or "avx2", 2 or
+// "avx512" (a level the processor lacks falls back to the best below it). _C.cpu_simd() reports
+// the path; _C.cpu_simd(name or level) switches to one (raising where it is missing), True to the
+// default SIMD path, False to scalar (tests and benchmarks use this).
+// Cost on one core (benchmarks/RESULTS.md, Zen 5): ~2.8 ns per group of 4 on the AVX-512 path,
+// ~5.8 ns on the AVX2 one, ~31 ns on the scalar one; the step's memory pass adds ~2.4 ns per
+// group at fp32.
 // The build is -ffp-contract=off: FMA appears only where written (the SIMD log/sincos).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -33,6 +42,15 @@
 #endif
 
 namespace fastddim {
+
+int cpu_simd_level(const char* name) {
+  static const char* const names[][2] = {{"0", "scalar"}, {"1", "avx2"}, {"2", "avx512"}};
+  for (int level = 0; level < 3; ++level)
+    for (const char* n : names[level])
+      if (std::strcmp(name, n) == 0) return level;
+  return -1;
+}
+
 namespace {
 
 constexpr int64_t kChunk = 256;   // groups: 1024 elements, 4 KB of noise, stays in L1
@@ -222,23 +240,203 @@ FASTDDIM_AVX2 void philox_avx2(const int64_t* ctr, int64_t* res, int64_t m, uint
   }
 }
 
-bool simd_supported() {
+// ------------------------------------------------------------------------------------------------
+// AVX-512F: the AVX2 path's functions at 16 lanes, op for op (the blends and sign flips through
+// masks and integer xors, which move the same bits), so every lane rounds as the AVX2 lane does.
+#define FASTDDIM_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+FASTDDIM_AVX512 inline __m512 and_ps_avx512(__mmask16 k, __m512 v) { return _mm512_maskz_mov_ps(k, v); }
+FASTDDIM_AVX512 inline __m512 xor_ps_avx512(__m512 a, __m512 b) {
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+}
+
+// log_avx2 at 16 lanes.
+FASTDDIM_AVX512 inline __m512 log_avx512(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)));
+  const __m512 m = _mm512_castsi512_ps(  // mantissa in [0.5, 1)
+      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007FFFFF)), _mm512_set1_epi32(0x3F000000)));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.70710677f), _CMP_LT_OQ);
+  e = _mm512_sub_ps(e, and_ps_avx512(small, one));
+  const __m512 f = _mm512_add_ps(_mm512_sub_ps(m, one), and_ps_avx512(small, m));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 p = _mm512_set1_ps(7.0376836292e-2f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.1514610310e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.1676998740e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.2420140846e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.4249322787e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.6668057665e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.0000714765e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-2.4999993993e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(3.3333331174e-1f));
+  const __m512 y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), _mm512_mul_ps(_mm512_mul_ps(p, f), z));
+  const __m512 nhf = _mm512_mul_ps(f, _mm512_set1_ps(-0.5f));
+  const __m512 h = _mm512_fmadd_ps(nhf, f, f);
+  const __m512 eh = _mm512_fmadd_ps(nhf, f, _mm512_sub_ps(f, h));
+  const __m512 t = _mm512_mul_ps(e, _mm512_set1_ps(0.693359375f));
+  const __m512 hi = _mm512_add_ps(t, h);
+  const __m512 lo = _mm512_add_ps(_mm512_sub_ps(t, hi), h);
+  return _mm512_add_ps(hi, _mm512_add_ps(lo, _mm512_add_ps(eh, y)));
+}
+
+// sincos_avx2 at 16 lanes.
+FASTDDIM_AVX512 inline void sincos_avx512(__m512 x, __m512& s, __m512& c) {
+  const __m512 qf = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.63661975f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i q = _mm512_cvtps_epi32(qf);
+  const __m512 p2 = _mm512_set1_ps(4.371138828673793e-08f);
+  const __m512 r1 = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.5707963705062866f), x);
+  const __m512 rh = _mm512_fmadd_ps(qf, p2, r1);
+  const __m512 rl = _mm512_fmadd_ps(qf, _mm512_set1_ps(1.7151245100058819e-15f), _mm512_fmadd_ps(qf, p2, _mm512_sub_ps(r1, rh)));
+  const __m512 r2 = _mm512_mul_ps(rh, rh);
+  __m512 ps = _mm512_fmadd_ps(_mm512_set1_ps(-1.9515295891e-4f), r2, _mm512_set1_ps(8.3321608736e-3f));
+  ps = _mm512_fmadd_ps(ps, r2, _mm512_set1_ps(-1.6666654611e-1f));
+  const __m512 sr = _mm512_add_ps(rh, _mm512_fmadd_ps(_mm512_mul_ps(ps, r2), rh, rl));
+  __m512 pc = _mm512_fmadd_ps(_mm512_set1_ps(2.443315711809948e-5f), r2, _mm512_set1_ps(-1.388731625493765e-3f));
+  pc = _mm512_fmadd_ps(pc, r2, _mm512_set1_ps(4.166664568298827e-2f));
+  const __m512 one = _mm512_set1_ps(1.0f), nh = _mm512_mul_ps(rh, _mm512_set1_ps(-0.5f));
+  const __m512 h = _mm512_fmadd_ps(nh, rh, one);
+  const __m512 eh = _mm512_fmadd_ps(nh, rh, _mm512_sub_ps(one, h));
+  const __m512 tc = _mm512_fnmadd_ps(rl, rh, _mm512_fmadd_ps(_mm512_mul_ps(r2, r2), pc, eh));
+  const __m512 cr = _mm512_add_ps(h, tc);
+  const __mmask16 swap = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
+  const __m512 sign_s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(2)), 30));
+  const __m512 sign_c = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(q, _mm512_set1_epi32(1)), _mm512_set1_epi32(2)), 30));
+  s = xor_ps_avx512(_mm512_mask_blend_ps(swap, sr, cr), sign_s);
+  c = xor_ps_avx512(_mm512_mask_blend_ps(swap, cr, sr), sign_c);
+}
+
+// philox8_avx2 at 8 64-bit lanes per block: two blocks of 8 counters.
+FASTDDIM_AVX512 inline void philox16_avx512(__m512i a[4], __m512i b[4], const __m512i keys[20]) {
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  for (int r = 0; r < 10; ++r) {
+    const __m512i k0 = _mm512_load_si512(keys + 2 * r), k1 = _mm512_load_si512(keys + 2 * r + 1);
+    for (__m512i* c : {a, b}) {
+      const __m512i p0 = _mm512_mul_epu32(c[0], m0), p1 = _mm512_mul_epu32(c[2], m1);
+      c[0] = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), c[1]), k0);
+      c[2] = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p0, 32), c[3]), k1);
+      c[1] = p1;
+      c[3] = p0;
+    }
+  }
+}
+
+FASTDDIM_AVX512 inline void philox_keys_avx512(uint64_t seed, __m512i keys[20]) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r, k0 += kPhiloxW0, k1 += kPhiloxW1) {
+    keys[2 * r] = _mm512_set1_epi32(static_cast<int>(k0));
+    keys[2 * r + 1] = _mm512_set1_epi32(static_cast<int>(k1));
+  }
+}
+
+FASTDDIM_AVX512 inline __m512i interleave_low_avx512(__m512i lo, __m512i hi) {
+  return _mm512_mask_blend_epi32(0xAAAA, lo, _mm512_slli_epi64(hi, 32));
+}
+
+// box_muller_avx2 at 16 lanes.
+FASTDDIM_AVX512 inline void box_muller_avx512(__m512i a, __m512i b, __m512& z0, __m512& z1) {
+  const __m512 scale = _mm512_set1_ps(1.1920928955078125e-07f), half_ulp = _mm512_set1_ps(5.9604644775390625e-08f);
+  const __m512 ua = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(a, 9)), scale, half_ulp);
+  const __m512 ub = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 9)), scale, half_ulp);
+  const __m512 r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_avx512(ua)));
+  __m512 s, c;
+  sincos_avx512(_mm512_mul_ps(ub, _mm512_set1_ps(kTwoPi)), s, c);
+  z0 = _mm512_mul_ps(r, c);
+  z1 = _mm512_mul_ps(r, s);
+}
+
+// The 64 normals of groups g .. g + 15 in element order.
+FASTDDIM_AVX512 inline void gaussian64_avx512(const __m512i keys[20], uint32_t sample, uint32_t step, uint32_t g, __m512 out[4]) {
+  // Block a holds the even groups g, g+2, .., g+14 and block b the odd ones (the counters' high
+  // halves never reach a product, so a 64-bit add is the spec's 32-bit one where it matters).
+  const __m512i sample_v = _mm512_set1_epi32(static_cast<int>(sample)), step_v = _mm512_set1_epi32(static_cast<int>(step));
+  const __m512i even = _mm512_add_epi64(_mm512_set1_epi64(g), _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0));
+  __m512i a[4] = {even, sample_v, step_v, _mm512_setzero_si512()};
+  __m512i b[4] = {_mm512_add_epi64(even, _mm512_set1_epi64(1)), sample_v, step_v, _mm512_setzero_si512()};
+  philox16_avx512(a, b, keys);
+  __m512 z0, z1, z2, z3;
+  box_muller_avx512(interleave_low_avx512(a[0], b[0]), interleave_low_avx512(a[1], b[1]), z0, z1);
+  box_muller_avx512(interleave_low_avx512(a[2], b[2]), interleave_low_avx512(a[3], b[3]), z2, z3);
+  // 4x16 -> 16x4 transpose: within each 128-bit lane j as in AVX2 (s_i holds group 4j + i), then
+  // the 128-bit lanes: out[k] = lane k of s0, s1, s2, s3.
+  const __m512 t0 = _mm512_unpacklo_ps(z0, z1), t1 = _mm512_unpackhi_ps(z0, z1);
+  const __m512 t2 = _mm512_unpacklo_ps(z2, z3), t3 = _mm512_unpackhi_ps(z2, z3);
+  const __m512 s0 = _mm512_shuffle_ps(t0, t2, 0x44), s1 = _mm512_shuffle_ps(t0, t2, 0xEE);
+  const __m512 s2 = _mm512_shuffle_ps(t1, t3, 0x44), s3 = _mm512_shuffle_ps(t1, t3, 0xEE);
+  const __m512 u0 = _mm512_shuffle_f32x4(s0, s1, 0x44), u1 = _mm512_shuffle_f32x4(s2, s3, 0x44);
+  const __m512 u2 = _mm512_shuffle_f32x4(s0, s1, 0xEE), u3 = _mm512_shuffle_f32x4(s2, s3, 0xEE);
+  out[0] = _mm512_shuffle_f32x4(u0, u1, 0x88);
+  out[1] = _mm512_shuffle_f32x4(u0, u1, 0xDD);
+  out[2] = _mm512_shuffle_f32x4(u2, u3, 0x88);
+  out[3] = _mm512_shuffle_f32x4(u2, u3, 0xDD);
+}
+
+FASTDDIM_AVX512 void noise_avx512(uint64_t seed, uint32_t sample, uint32_t step, int64_t g0, int64_t count, float* z) {
+  alignas(64) __m512i keys[20];
+  philox_keys_avx512(seed, keys);
+  __m512 out[4];
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    gaussian64_avx512(keys, sample, step, static_cast<uint32_t>(g0 + i), out);
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(z + 4 * i + 16 * k, out[k]);
+  }
+  if (i < count) {  // the tail through the same code
+    alignas(64) float tail[64];
+    gaussian64_avx512(keys, sample, step, static_cast<uint32_t>(g0 + i), out);
+    for (int k = 0; k < 4; ++k) _mm512_store_ps(tail + 16 * k, out[k]);
+    std::memcpy(z + 4 * i, tail, sizeof(float) * 4 * (count - i));
+  }
+}
+
+// philox_avx2 at 16 rows: rows i .. i+7 in block a, i+8 .. i+15 in block b.
+FASTDDIM_AVX512 void philox_avx512(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed) {
+  alignas(64) __m512i keys[20];
+  philox_keys_avx512(seed, keys);
+  const __m512i mask = _mm512_set1_epi64(0xFFFFFFFF);
+  const __m512i idx = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);  // word k of rows 0..7
+  for (int64_t i = 0; i < m; i += 16) {
+    const int64_t rows = std::min<int64_t>(16, m - i);
+    alignas(64) int64_t c[64] = {0};
+    std::memcpy(c, ctr + 4 * i, sizeof(int64_t) * 4 * rows);
+    __m512i w[2][4];
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 4; ++k) w[h][k] = _mm512_i64gather_epi64(idx, c + 32 * h + k, 8);
+    philox16_avx512(w[0], w[1], keys);
+    alignas(64) int64_t o[2][4][8];
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 4; ++k) _mm512_store_si512(o[h][k], _mm512_and_si512(w[h][k], mask));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int k = 0; k < 4; ++k) res[4 * (i + r) + k] = o[r / 8][k][r % 8];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+int max_level() {
   __builtin_cpu_init();  // needed when called from a static initializer
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return kSimdScalar;
+  return __builtin_cpu_supports("avx512f") ? kSimdAvx512 : kSimdAvx2;
 }
 #else
-bool simd_supported() { return false; }
+int max_level() { return kSimdScalar; }
 #endif
 
-// Read once, when the extension loads: FASTDDIM_CPU_SIMD=0 forces the scalar path.
-std::atomic<bool> g_simd{[] {
+// The default level, fixed when the extension loads: the best the processor has, at most
+// FASTDDIM_CPU_SIMD's (an unknown value is ignored).
+const int g_default_level = [] {
   const char* env = std::getenv("FASTDDIM_CPU_SIMD");
-  return simd_supported() && !(env && std::strcmp(env, "0") == 0);
-}()};
+  const int cap = env ? cpu_simd_level(env) : -1;
+  return cap >= 0 ? std::min(cap, max_level()) : max_level();
+}();
+std::atomic<int> g_level{g_default_level};
 
 NoiseFn noise_fn() {
 #ifdef FASTDDIM_X86_SIMD
-  if (g_simd.load(std::memory_order_relaxed)) return noise_avx2;
+  switch (g_level.load(std::memory_order_relaxed)) {
+    case kSimdAvx512: return noise_avx512;
+    case kSimdAvx2: return noise_avx2;
+    default: break;
+  }
 #endif
   return noise_scalar;
 }
@@ -338,17 +536,23 @@ void normal_cpu(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_
   });
 }
 
-const char* cpu_simd(int enable) {
-  if (enable >= 0) {
-    TORCH_CHECK(!enable || simd_supported(), "cpu_simd: this processor or build has no AVX2+FMA noise path");
-    g_simd.store(enable != 0);
+const char* cpu_simd(int level) {
+  // True: the default path where it is a SIMD one, else AVX2 (raising where that is missing too).
+  if (level == kSimdDefault) level = std::max<int>(g_default_level, kSimdAvx2);
+  if (level != kSimdAsk) {
+    TORCH_CHECK(level >= kSimdScalar && level <= kSimdAvx512, "cpu_simd: no level ", level);
+    TORCH_CHECK(level <= max_level(), "cpu_simd: this processor or build has no ",
+                level == kSimdAvx512 ? "AVX-512F" : "AVX2+FMA", " noise path");
+    g_level.store(level);
   }
-  return g_simd.load() ? "avx2" : "scalar";
+  static const char* const names[] = {"scalar", "avx2", "avx512"};
+  return names[g_level.load()];
 }
 
 void philox_cpu(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed) {
 #ifdef FASTDDIM_X86_SIMD
-  if (g_simd.load()) return philox_avx2(ctr, res, m, seed);
+  if (g_level.load() == kSimdAvx512) return philox_avx512(ctr, res, m, seed);
+  if (g_level.load() == kSimdAvx2) return philox_avx2(ctr, res, m, seed);
 #endif
   for (int64_t i = 0; i < m; ++i) {
     uint32_t c[4];

@@ -1,10 +1,12 @@
 """Every backend's noise is fastddim.noise's: Philox integers bit for bit, normals within a few ulp.
 
 The float part goes through each backend's own log/sqrt/cos/sin (torch's SLEEF on the CPU; in the
-C++ kernel our AVX2 log/sincos or, on the portable path, glibc; numpy under the Triton interpreter,
-libdevice / CUDA libm on a GPU), each within 1 ulp of exact, so a normal r * cos(theta) may differ
-from the reference by a few ulp. The C++ kernel's two noise paths (AVX2+FMA and scalar) are both
-tested here, as "cpp-avx2" and "cpp-scalar", whichever one the machine runs by default.
+C++ kernel our AVX-512/AVX2 log/sincos or, on the portable path, glibc; numpy under the Triton
+interpreter, libdevice / CUDA libm on a GPU), each within 1 ulp of exact, so a normal r * cos(theta)
+may differ from the reference by a few ulp. The C++ kernel's three noise paths (AVX-512F, AVX2+FMA
+and scalar) are each tested here, as "cpp-avx512", "cpp-avx2" and "cpp-scalar", whichever one the
+machine runs by default (a path the processor lacks is skipped with the reason); AVX-512 makes the
+AVX2 path's normals bit for bit (the same operations at 16 lanes instead of 8).
 """
 from __future__ import annotations
 
@@ -35,39 +37,45 @@ def backend_param(name: str, device: str = "cpu"):
     return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=name)
 
 
-def _simd_reason() -> str | None:
+SIMD_PATHS = ("avx512", "avx2", "scalar")
+
+
+def _path_reason(path: str) -> str | None:
+    """Why the C++ noise path ``path`` cannot run here, or None."""
     if _ops.extension_error() is not None:
         return _ops.extension_error()
-    with contextlib.suppress(RuntimeError):
-        with cpu_simd(True):
+    try:
+        with cpu_simd(path):
             return None
-    return "no AVX2+FMA on this processor or in this build"
+    except RuntimeError as e:
+        return f"no {path} noise path here: {e}"
 
 
 @contextlib.contextmanager
-def cpu_simd(simd: bool):
-    """Run the C++ kernels' noise on the AVX2 path (True) or the scalar one, then restore."""
+def cpu_simd(path: str | bool):
+    """Run the C++ kernels' noise on path ("avx512", "avx2", "scalar"; True: the default SIMD
+    path, False: scalar), then restore the one that was on."""
     C = _ops.extension()
-    saved = C.cpu_simd() == "avx2"
-    C.cpu_simd(simd)
+    saved = C.cpu_simd()
+    C.cpu_simd(path)
     try:
         yield
     finally:
         C.cpu_simd(saved)
 
 
-# The C++ backend once per noise path; "cpp-avx2" runs the backend "cpp" with the SIMD path on.
+# The C++ backend once per noise path; "cpp-avx2" runs the backend "cpp" on the AVX2 path.
 CPP_PATHS = [
-    pytest.param("cpp-avx2", marks=pytest.mark.skipif(_simd_reason() is not None, reason=str(_simd_reason())), id="cpp-avx2"),
-    pytest.param("cpp-scalar", marks=pytest.mark.skipif(_ops.extension_error() is not None, reason=str(_ops.extension_error())), id="cpp-scalar"),
+    pytest.param(f"cpp-{p}", marks=pytest.mark.skipif(_path_reason(p) is not None, reason=str(_path_reason(p))), id=f"cpp-{p}")
+    for p in SIMD_PATHS
 ]
 CPU_FUSED = CPP_PATHS + [backend_param("triton")]
 
 
 def split(backend: str) -> tuple[str, contextlib.AbstractContextManager]:
-    """("cpp", path context) for "cpp-avx2" / "cpp-scalar"; (backend, no-op) otherwise."""
+    """("cpp", path context) for "cpp-avx512" / "cpp-avx2" / "cpp-scalar"; (backend, no-op) otherwise."""
     if backend.startswith("cpp-"):
-        return "cpp", cpu_simd(backend == "cpp-avx2")
+        return "cpp", cpu_simd(backend[4:])
     return backend, contextlib.nullcontext()
 
 
@@ -135,7 +143,7 @@ def assert_within_ulps(got: torch.Tensor, want: torch.Tensor, bound: int, what: 
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_normals_within_ulps(backend):
     """_ops.normal_ against the spec; sample sizes that are not a multiple of 4 (the Philox group)
-    nor of 8 groups (one AVX2 block), and one that spans several 256-group chunks."""
+    nor of 8 or 16 groups (one AVX2 or AVX-512 block), and one that spans several 256-group chunks."""
     cases = [(16, (3, 37, 37)), (5, (5, 7)), (3, (2,))] if backend.startswith("cpp") else [(4, (3, 11, 13)), (3, (5, 7))]
     for n, shape in cases:
         for seed, first, step in ((0, 0, 0), (2**64 - 1, 2**32 - n, 7), (123456789, 1000, 1)):
@@ -186,18 +194,78 @@ def test_normal_op_rejects_bad_arguments():
                 _ops.normal_(name, r, g, 0)
 
 
-@pytest.mark.skipif(_simd_reason() is not None, reason=str(_simd_reason()))
+@pytest.mark.skipif(_path_reason("avx2") is not None, reason=str(_path_reason("avx2")))
 def test_cpu_noise_paths_agree():
-    """The AVX2 and scalar paths: the same Philox integers, normals within a few ulp of each other
-    (each is within MAX_ULPS of the spec), so switching paths moves no sample by more than that."""
+    """Every available path against the spec within MAX_ULPS; the SIMD paths and the scalar one
+    within a few ulp of each other, so switching paths moves no sample by more than that; AVX-512
+    and AVX2 equal bit for bit."""
     C = _ops.extension()
     got = {}
-    for path in ("cpp-avx2", "cpp-scalar"):
-        with split(path)[1]:
-            assert C.cpu_simd() == path[4:]
-            got[path] = normal(path, 2**40 + 3, 77, 16, 5, (3, 33, 35))
-    d = assert_within_ulps(got["cpp-avx2"], got["cpp-scalar"], 2 * MAX_ULPS["cpp"], "avx2 vs scalar")
+    cases = [(16, (3, 33, 35)), (3, (61,)), (2, (5,)), (1, (2,))]  # tails of 1..15 groups past a block
+    for path in SIMD_PATHS:
+        if _path_reason(path) is not None:
+            continue
+        with cpu_simd(path):
+            assert C.cpu_simd() == path
+            got[path] = [normal(f"cpp-{path}", 2**40 + 3, 77, n, 5, shape) for n, shape in cases]
+    for path, zs in got.items():
+        for (n, shape), z in zip(cases, zs):
+            assert_within_ulps(z, noise.normal(2**40 + 3, 77, n, 5, shape), MAX_ULPS["cpp"], f"{path} {shape}")
+    d = assert_within_ulps(got["avx2"][0], got["scalar"][0], 2 * MAX_ULPS["cpp"], "avx2 vs scalar")
     assert (d == 0).float().mean() > 0.5
+    if "avx512" in got:
+        for (n, shape), a, b in zip(cases, got["avx512"], got["avx2"]):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"avx512 vs avx2 {shape}"
+
+
+@pytest.mark.skipif(_path_reason("avx512") is not None, reason=str(_path_reason("avx512")))
+def test_avx512_noise_equals_avx2_bit_for_bit():
+    """AVX-512 and AVX2 run the same operations in the same order per lane: the same normals to the
+    bit, over many seeds, steps and sample indices (10^6 normals, chunk and sample tails included),
+    the same raw Philox integers, and the same fused step (fp32 and bf16 model output)."""
+    shape = (3, 37, 41)  # 1137 groups per sample: 4 full 256-group chunks and a tail of 113
+    cases = [(0, 0, 0), (2**64 - 1, 2**32 - 3, 9), (123456789, 1000, 1), (2**63 + 7, 5, 999)]
+    g = torch.Generator().manual_seed(3)
+    ctr = torch.randint(0, 2**32, (1037, 4), generator=g, dtype=torch.int64)
+    plan = make_plan(Schedule.linear(), 10, eta=1.0)
+    x, out = torch.randn(5, *shape, generator=g), torch.randn(5, *shape, generator=g)
+    got = {}
+    for path in ("avx512", "avx2"):
+        with cpu_simd(path):
+            zs = [normal(f"cpp-{path}", seed, first, 16, step, shape) for seed, first, step in cases]
+            ints = [_ops.extension().philox4x32(ctr, seed) for seed, _, _ in cases]
+            steps = [make_step("cpp", plan, 77)(x, o, 4, 3)[0] for o in (out, out.bfloat16())]
+        got[path] = (zs, ints, steps)
+    for i, (a, b) in enumerate(zip(got["avx512"][0], got["avx2"][0])):
+        if not torch.equal(a.view(torch.int32), b.view(torch.int32)):
+            d = ulps(a, b)
+            pytest.fail(f"case {cases[i]}: {int((d > 0).sum())} of {d.numel()} normals differ, worst {int(d.max())} ulp")
+    for a, b in zip(got["avx512"][1], got["avx2"][1]):
+        assert torch.equal(a, b)
+    assert torch.equal(got["avx512"][1][0], philox("torch", ctr, cases[0][0]))
+    for a, b in zip(got["avx512"][2], got["avx2"][2]):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("backend", CPP_PATHS)
+def test_cpp_fused_step_on_each_path(backend):
+    """The fused C++ step with noise on each path against the torch backend's step (reference
+    math and noise): the difference is sigma times the noise's few ulps, plus one rounding."""
+    for pred, eta, dtype in (("epsilon", 1.0, torch.float32), ("v_prediction", 0.5, torch.bfloat16)):
+        plan = make_plan(Schedule.linear(), 10, eta=eta, prediction_type=pred, clip_sample=True)
+        g = torch.Generator().manual_seed(5)
+        shape = (4, 3, 33, 35)
+        x, out = torch.randn(shape, generator=g), torch.randn(shape, generator=g).to(dtype)
+        want_step = make_step("torch", plan, 2**64 - 11)
+        with split(backend)[1]:
+            got_step = make_step("cpp", plan, 2**64 - 11)
+            for j in (0, 4, 8):
+                got, want = got_step(x, out, j, 6)[0], want_step(x, out, j, 6)[0]
+                sigma = plan.table[j, 5].item()
+                z = noise.normal(2**64 - 11, 6, 4, j + 1, shape[1:]).abs()
+                bound = MAX_ULPS["cpp"] * 2**-23 * sigma * (z + 2**-126) * 2 + 2**-22 * want.abs() + 1e-7
+                err = (got - want).abs()
+                assert (err <= bound).all(), f"{backend} {pred} j={j}: worst {float((err - bound).max()):.3g} over the bound"
 
 
 @pytest.mark.parametrize("backend", [backend_param("torch")] + CPU_FUSED)
@@ -298,14 +366,33 @@ def test_gpu_normal_op_replays_in_a_graph_with_new_rng(backend):
 
 
 @pytest.mark.skipif(_ops.extension_error() is not None, reason=str(_ops.extension_error()))
-def test_cpu_simd_env_var_picks_the_scalar_path():
-    """FASTDDIM_CPU_SIMD=0, read once when fastddim._C loads, forces the portable path."""
+def test_cpu_simd_env_var_picks_the_path():
+    """FASTDDIM_CPU_SIMD, read once when fastddim._C loads, caps the default path by name or level
+    (0 forces the portable one); True then means that SIMD path, False the scalar one."""
     import os
     import subprocess
     import sys
 
-    code = "from fastddim import _ops; print(_ops.extension().cpu_simd())"
-    env = dict(os.environ, FASTDDIM_CPU_SIMD="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "scalar"
+    C = _ops.extension()
+    have = [p for p in reversed(SIMD_PATHS) if _path_reason(p) is None]  # scalar first
+    code = "from fastddim import _ops; C = _ops.extension(); print(C.cpu_simd(), C.cpu_simd(False), C.cpu_simd(0))"
+    for value, want in (("0", "scalar"), ("scalar", "scalar"), ("1", "avx2"), ("avx2", "avx2"), ("2", "avx512"),
+                        ("avx512", "avx512"), (None, "avx512")):
+        env = {k: v for k, v in os.environ.items() if k != "FASTDDIM_CPU_SIMD"}
+        if value is not None:
+            env["FASTDDIM_CPU_SIMD"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        expect = [p for p in have if have.index(p) <= ["scalar", "avx2", "avx512"].index(want)][-1]  # best up to the cap
+        assert out.stdout.split() == [expect, "scalar", "scalar"], (value, out.stdout)
+    with cpu_simd(C.cpu_simd()):
+        for level, name in enumerate(reversed(SIMD_PATHS)):
+            if name in have:
+                assert C.cpu_simd(level) == name == C.cpu_simd(name)
+            else:
+                with pytest.raises(RuntimeError, match="no .* noise path"):
+                    C.cpu_simd(name)
+        with pytest.raises(RuntimeError, match="unknown path"):
+            C.cpu_simd("sse")
+        with pytest.raises(RuntimeError, match="level must be"):
+            C.cpu_simd(3)
