@@ -12,7 +12,7 @@ touch of the output pages happen in an untimed warm-up.
 
 test_noise_vs_randn (CPU, one thread, 1024x3x32x32 fp32): torch.randn of that shape (allocating,
 and into a preallocated tensor), fastddim.noise.normal (the plain-torch reference),
-_ops.normal_("cpp") into a preallocated tensor on each C++ noise path (avx2, scalar), and the
+_ops.normal_("cpp") into a preallocated tensor on each C++ noise path (the default SIMD one, AVX-512 or AVX2, and scalar), and the
 fused C++ step with noise (fp32 model output, eta = 1, as make_step runs it, allocating x_{t-1}).
 Each row also times PAIRS interleaved (row, torch.randn) pairs for a ratio robust to the
 neighbours' load; the run ends with the bars: the fused step no slower than torch.randn alone,
@@ -126,8 +126,8 @@ def test_step_gpu(benchmark, record_median, backend, shape, dtype, eta):
 
 # ------------------------------------------------------------------ the noise against torch.randn
 NOISE_SHAPE = (1024, 3, 32, 32)
-NOISE_ROWS = ["torch.randn", "torch.randn(out=)", "reference", "normal_-cpp-avx2", "normal_-cpp-scalar",
-              "step-cpp-avx2", "step-cpp-scalar"]
+NOISE_ROWS = ["torch.randn", "torch.randn(out=)", "reference", "normal_-cpp-simd", "normal_-cpp-scalar",
+              "step-cpp-simd", "step-cpp-scalar"]
 PAIRS = 7
 _NOISE: dict[str, dict] = {}  # row -> {"median", "paired", "extra_info"}, for the closing bars
 
@@ -144,7 +144,7 @@ def _noise_call(row: str):
         return (lambda: noise.normal(1, 0, n, 3, shape)), None
     if available_backends(torch.device("cpu"))["cpp"] is not None:
         pytest.skip(available_backends(torch.device("cpu"))["cpp"])
-    simd = row.endswith("avx2")
+    simd = row.endswith("simd")
     if row.startswith("normal_"):
         res, rng = torch.empty(NOISE_SHAPE), _ops.rng_state(1, 0, "cpu")
         return (lambda: _ops.normal_("cpp", res, rng, 0)), simd
@@ -176,7 +176,7 @@ def _write_noise_bars(w, base: dict) -> None:
     for row, info in _NOISE.items():
         w(f"  {row:<20} {info['median'] * 1e3:8.2f} ms  {info['median'] / base['median']:6.2f}x  paired "
           f"{info['paired']:.2f}x")
-    bars = [("fused step with noise (cpp, fp32, eta=1) no slower than torch.randn", "step-cpp-avx2", 1.0),
+    bars = [("fused step with noise (cpp, fp32, eta=1) no slower than torch.randn", "step-cpp-simd", 1.0),
             ("reference noise (fastddim.noise.normal) within 10x of torch.randn", "reference", 10.0)]
     for label, row, bound in bars:
         if row in _NOISE:
@@ -190,14 +190,15 @@ def _write_noise_bars(w, base: dict) -> None:
 def test_noise_vs_randn(benchmark, noise_bars, row):
     call, simd = _noise_call(row)
     C = _ops.extension() if simd is not None else None
-    saved_simd = C.cpu_simd() == "avx2" if C is not None else None
-    saved = torch.get_num_threads()
+    saved_simd = C.cpu_simd() if C is not None else None  # the path's name, restored exactly
+    saved, active = torch.get_num_threads(), None
     try:
         if C is not None:
             try:
                 C.cpu_simd(simd)
             except RuntimeError as e:
                 pytest.skip(str(e))
+            active = C.cpu_simd()  # the path that ran (the default SIMD one may be avx512 or avx2)
         torch.set_num_threads(1)
         with torch.inference_mode():
             call()  # warm-up: first touch of the buffers
@@ -216,7 +217,7 @@ def test_noise_vs_randn(benchmark, noise_bars, row):
             C.cpu_simd(saved_simd)
     paired = sorted(ratios)[len(ratios) // 2]
     benchmark.extra_info.update(
-        row=row, shape=list(NOISE_SHAPE), cpu_simd=None if C is None else ("avx2" if simd else "scalar"),
+        row=row, shape=list(NOISE_SHAPE), cpu_simd=active,
         paired_ratios_vs_randn=[round(r, 3) for r in ratios], paired_ratio_vs_randn=round(paired, 3), **_versions(),
     )
     benchmark.extra_info["threads"] = 1
