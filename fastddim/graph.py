@@ -82,21 +82,23 @@ class _Graph:
             if isinstance(v, torch.Tensor):
                 self.kwargs[k] = v.clone()
         self.graph = torch.cuda.CUDAGraph()
-        self._capture(run)
 
     def _body(self) -> torch.Tensor:
         return self.run.trajectory(self.x_in, None, self.kwargs)
 
-    def _capture(self, run) -> None:
-        dev = run.device
-        # Warm-up: compile Triton kernels, pick cuDNN algorithms, make cuBLAS handles, run
-        # torch.compile, and check the model's output shape, all before capture.
+    def warm_up(self) -> None:
+        """Compile Triton kernels, pick cuDNN algorithms, make cuBLAS handles, run torch.compile and
+        check the model's output shape, on a side stream, before capture. A model error raises here."""
+        dev = self.run.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with nvtx_range("fastddim.warmup", dev), torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):
                 self._body()
         torch.cuda.current_stream(dev).wait_stream(side)
+
+    def capture(self) -> None:
+        dev = self.run.device
         with nvtx_range("fastddim.capture", dev), torch.inference_mode():
             with torch.cuda.graph(self.graph):
                 self.out = self._body()
@@ -137,8 +139,10 @@ def captured(run) -> Callable | None:
         g = _CACHE[key]
     else:
         t0 = time.perf_counter()
+        g = _Graph(run)
+        g.warm_up()  # the eager trajectory: a model's own error surfaces here, as without a graph
         try:
-            g = _Graph(run)
+            g.capture()
             run.capture_seconds = time.perf_counter() - t0
             run.compile_seconds = g.run.compile_seconds
         except Exception as e:  # capture is an optimisation: never lose the user's run to it

@@ -102,6 +102,16 @@ def test_capture_failure_falls_back_with_a_warning(model):
     assert torch.equal(out, fastddim.sample(m, n=4, steps=3, graph=False, progress=False))
 
 
+def test_a_model_error_raises_as_without_a_graph(model):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "capture failed" warning: the error is the model's
+        with pytest.raises(ValueError, match="model output has shape"):
+            fastddim.sample(lambda x, t: x[:, :1], n=2, steps=3, shape=SHAPE, schedule=SCHED, device="cuda",
+                            graph=True, progress=False)
+
+
 def test_cache_is_bounded_and_clearable(model):
     for s in range(graph.MAX_GRAPHS + 2):
         fastddim.sample(model, n=2, steps=2 + s, graph=True, progress=False)
