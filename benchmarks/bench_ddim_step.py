@@ -20,18 +20,16 @@ the reference noise within 10x of it.
 """
 from __future__ import annotations
 
-import os
-import platform
 import time
 
 import pytest
 import torch
 
-import fastddim
 from fastddim import _ops, noise
 from fastddim.dispatch import available_backends, make_step
 from fastddim.plan import make_plan
 from fastddim.schedule import Schedule
+from machine import versions
 
 SCHEDULE = Schedule.linear()
 CPU_SIZES = [(1, 3, 32, 32), (64, 3, 32, 32), (1024, 3, 32, 32)]
@@ -43,25 +41,6 @@ ETAS = [pytest.param(0.0, id="eta0"), pytest.param(1.0, id="eta1")]
 # slowest thread's next time slice (several ms) and the multi-thread medians say more about the
 # neighbours than about the kernels.
 THREADS = sorted({1, torch.get_num_threads()})
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-    except OSError:
-        return platform.machine()
-
-
-def _versions() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "fastddim": fastddim.__version__,
-            "threads": torch.get_num_threads(), "nproc": os.cpu_count(), "cpu": _cpu_model()}
 
 
 def _run(benchmark, record_median, backend: str, device: str, shape, dtype, eta: float, threads: int | None = None) -> None:
@@ -100,7 +79,7 @@ def _run(benchmark, record_median, backend: str, device: str, shape, dtype, eta:
     record_median(key, backend, median)
     benchmark.extra_info.update(
         backend=backend, device=device if device == "cpu" else torch.cuda.get_device_name(), shape=list(shape),
-        out_dtype=str(dtype), eta=eta, bytes=nbytes, GBps=round(nbytes / median / 1e9, 3), **_versions(),
+        out_dtype=str(dtype), eta=eta, bytes=nbytes, GBps=round(nbytes / median / 1e9, 3), **versions(),
     )
     if device == "cpu":
         benchmark.extra_info["threads"] = threads or saved
@@ -218,7 +197,7 @@ def test_noise_vs_randn(benchmark, noise_bars, row):
     paired = sorted(ratios)[len(ratios) // 2]
     benchmark.extra_info.update(
         row=row, shape=list(NOISE_SHAPE), cpu_simd=active,
-        paired_ratios_vs_randn=[round(r, 3) for r in ratios], paired_ratio_vs_randn=round(paired, 3), **_versions(),
+        paired_ratios_vs_randn=[round(r, 3) for r in ratios], paired_ratio_vs_randn=round(paired, 3), **versions(),
     )
     benchmark.extra_info["threads"] = 1
     noise_bars[row] = {"median": benchmark.stats.stats.median, "paired": paired, "extra_info": benchmark.extra_info}

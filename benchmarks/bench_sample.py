@@ -52,7 +52,6 @@ import ctypes
 import functools
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ import torch
 
 import fastddim
 from fastddim.engine import model_output, prepare
+from machine import cpu_model, versions
 
 # Compile times are reported, so start from an empty inductor cache (as a user's first run does),
 # unless the caller chose a cache directory.
@@ -234,24 +234,11 @@ def _loadavg() -> float | None:
 
 
 def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-    except OSError:
-        return platform.machine()
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
 
 
 def _versions() -> dict:
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = None
-    return {"torch": torch.__version__, "triton": tv, "diffusers": getattr(diffusers, "__version__", None),
-            "fastddim": fastddim.__version__, "python": platform.python_version()}
+    return {**versions(), "diffusers": getattr(diffusers, "__version__", None)}
 
 
 def _vm(field: str) -> int | None:

@@ -194,13 +194,9 @@ def device_slug() -> str:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
     else:
-        model = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next((line.split(":", 1)[1] for line in f if line.startswith("model name")), "")
-        except OSError:
-            pass
-        name = f"cpu-{os.cpu_count()}cores-{model or platform.machine()}"
+        from machine import cpu_model
+
+        name = f"cpu-{os.cpu_count()}cores-{cpu_model()}"
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
 
 
