@@ -17,7 +17,6 @@ over one prepared run; ``fastddim/graph.py`` captures ``Run.trajectory`` in a CU
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import sys
 import time
@@ -35,8 +34,6 @@ from .profiling import nvtx_range
 from .schedule import Schedule
 
 __all__ = ["prepare", "Run", "FiniteFlags", "model_output", "default_batch_size", "clear_cache", "COMPILE_MODES"]
-
-log = logging.getLogger("fastddim")
 
 # torch.compile modes; the ones that make CUDA graphs of their own are refused on CUDA, where
 # fastddim's capture of the whole trajectory owns the graphs (nesting them breaks both).
@@ -240,7 +237,8 @@ def _check_compile(compile, device: torch.device) -> str | None:
 def _memory_format(memory_format, model, shape: tuple, backend: str):
     """'auto': channels_last for a conv module on images, except on the torch reference backend.
 
-    channels_last is 1.7-2.2x faster for the built-in U-Net on the CPU (oneDNN) and the usual
+    channels_last is 1.3-1.6x faster for the built-in U-Net's forward on the CPU (oneDNN, measured
+    interleaved at batch 64, benchmarks/RESULTS.md) and the usual
     layout for tensor-core convolutions; it reorders fp32 sums, so the reference backend, which
     promises diffusers' numbers bit for bit, keeps the model exactly as given.
     """
@@ -259,7 +257,7 @@ def default_batch_size(device: torch.device, n: int, shape: tuple[int, ...]) -> 
 
     A budget of elements per batch: 64 images of 3x32x32 on the CPU (the built-in U-Net's rate
     is flat from batch 32 up there; larger batches only cost memory), 1024 of 3x32x32 on CUDA
-    (the batch at which the DDPM CIFAR-10 U-Net fills an H100, FACTS.md section 5). Larger
+    (the n of the GPU benchmark's largest cell, FACTS.md section 5; not yet measured on a GPU). Larger
     samples get proportionally fewer per batch (256x256x3: 1 on the CPU, 16 on CUDA).
     """
     per_sample = math.prod(shape)
@@ -312,7 +310,7 @@ class FiniteFlags:
             # One reduction pass, no temporary: aminmax propagates NaN, and an inf is the min or
             # the max. (isfinite(out).all() costs 4 passes and a bool tensor: 30x slower on the CPU.)
             lo, hi = torch.aminmax(out)
-            self.bad[j].copy_((lo.isfinite() & hi.isfinite()).logical_not())
+            torch.logical_not(lo.isfinite() & hi.isfinite(), out=self.bad[j])
 
     def first_bad(self) -> int | None:
         if not self.enabled:
@@ -355,6 +353,7 @@ class Run:
     pad: bool
     t_dev: torch.Tensor = field(init=False)
     flags: FiniteFlags = field(init=False)
+    step_names: list = field(init=False)
     compile_seconds: float = 0.0
     capture_seconds: float = 0.0
     _checked: bool = False
@@ -362,6 +361,7 @@ class Run:
     def __post_init__(self):
         self.t_dev = torch.tensor(self.plan.timesteps, dtype=torch.int64).to(self.device)
         self.flags = FiniteFlags(self.plan.steps, self.device, self.check_finite)
+        self.step_names = [f"fastddim.step {j} t={t}" for j, t in enumerate(self.plan.timesteps)]  # NVTX, made once
 
     # ---- pieces a driver uses
     def kwargs_for(self, start: int, b: int, rows: int | None = None) -> dict:
@@ -404,7 +404,7 @@ class Run:
         b, low = x.shape[0], self.dtype != torch.float32
         x_in = x.to(self.dtype) if low else x
         for j, t in enumerate(self.plan.timesteps):
-            with nvtx_range(f"fastddim.step {j} t={t}", self.device):
+            with nvtx_range(self.step_names[j], self.device):
                 out = self.call_model(x_in, self.t_dev[j].expand(b), kwargs, j, t)
                 res = self.step(x, out, j, None)
             x, x0 = res[0], res[1]

@@ -51,8 +51,9 @@ def _record(kind: str, run: Run, n: int, seconds: float, **extra) -> None:
         kind=kind, backend=run.backend, device=str(run.device), timesteps=list(run.plan.timesteps), n=n,
         batch_size=run.batch_size, dtype=str(run.dtype).removeprefix("torch."), compile=run.compile_mode,
         compile_seconds=run.compile_seconds, capture_seconds=run.capture_seconds, memory_format=str(run.memory_format).removeprefix("torch."),
-        seconds=seconds, **extra,
+        seconds=seconds,
     )
+    _LAST_RUN.update(extra)
     log.info("%s: backend=%s device=%s n=%d steps=%d %.3fs", kind, run.backend, run.device, n, run.plan.steps, seconds)
 
 
@@ -249,9 +250,9 @@ def invert(
     finally:
         if bar is not None:
             bar.close()
-    _record("invert", run, n, time.perf_counter() - t0, convention=convention, refine=refine,
+    # backend "torch": the encoder's arithmetic is the reference's whatever the run's step backend
+    _record("invert", run, n, time.perf_counter() - t0, backend="torch", convention=convention, refine=refine,
             model_calls_per_image=len(t_evals))
-    _LAST_RUN["backend"] = "torch"  # the encoder's arithmetic is the reference's on every backend
     return result
 
 
