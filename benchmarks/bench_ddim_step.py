@@ -7,8 +7,10 @@ GB/s counts the bytes the step's interface moves per element: x_t read (4 B), th
 read (4 B fp32, 2 B bf16) and x_{t-1} written (4 B); the fused steps run as the sampler runs them
 without a callback (need_x0=False). The count is the same for every backend (the reference's own
 traffic is several times larger), so the column compares across rows and against the copy rate.
-The timed call includes dispatch and, on a GPU, a synchronize; Triton compilation and the first
-touch of the output pages happen in an untimed warm-up.
+The timed call includes dispatch and, on a GPU, GPU_REPS back-to-back steps before one synchronize
+(the row's figure is per step); Triton compilation and the first touch of the output pages happen
+in an untimed warm-up. test_copy_gpu is the yardstick of the GPU bar (the step at eta = 0 at >= 85%
+of the copy rate): a device-to-device copy moving the same bytes, timed the same way.
 
 test_noise_vs_randn (CPU, one thread, 1024x3x32x32 fp32): torch.randn of that shape (allocating,
 and into a preallocated tensor), fastddim.noise.normal (the plain-torch reference),
@@ -33,7 +35,7 @@ from machine import versions
 
 SCHEDULE = Schedule.linear()
 CPU_SIZES = [(1, 3, 32, 32), (64, 3, 32, 32), (1024, 3, 32, 32)]
-GPU_SIZES = CPU_SIZES + [(256, 3, 64, 64), (1024, 3, 64, 64)]
+GPU_SIZES = CPU_SIZES + [(256, 3, 64, 64), (1024, 3, 64, 64), (1024, 4, 64, 64)]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 ETAS = [pytest.param(0.0, id="eta0"), pytest.param(1.0, id="eta1")]
 # Intra-op threads on the CPU (torch's and at::parallel_for's alike). One thread is the robust
@@ -41,6 +43,17 @@ ETAS = [pytest.param(0.0, id="eta0"), pytest.param(1.0, id="eta1")]
 # slowest thread's next time slice (several ms) and the multi-thread medians say more about the
 # neighbours than about the kernels.
 THREADS = sorted({1, torch.get_num_threads()})
+# On a GPU a timed round is GPU_REPS back-to-back launches and one synchronize (the row's time is
+# the round's over GPU_REPS): a 13 us kernel timed alone would mostly measure the synchronize.
+GPU_REPS = 20
+
+
+def step_bytes(shape, dtype) -> int:
+    """Bytes the step's interface moves: x_t read (4 B), the model output read, x_{t-1} written (4 B)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel * (4 + torch.empty((), dtype=dtype).element_size() + 4)
 
 
 def _run(benchmark, record_median, backend: str, device: str, shape, dtype, eta: float, threads: int | None = None) -> None:
@@ -56,9 +69,11 @@ def _run(benchmark, record_median, backend: str, device: str, shape, dtype, eta:
     step = make_step(backend, plan, 1, need_x0=False, device=torch.device(device))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     j = 3  # a middle step: noise when eta > 0
+    reps = GPU_REPS if device == "cuda" else 1
 
     def call():
-        step(x, out, j, 0)
+        for _ in range(reps):
+            step(x, out, j, 0)
         sync()
 
     call()  # warm-up: compilation, first touch
@@ -73,13 +88,14 @@ def _run(benchmark, record_median, backend: str, device: str, shape, dtype, eta:
             benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
     finally:
         torch.set_num_threads(saved)
-    nbytes = numel * (4 + out.element_size() + 4)
-    median = benchmark.stats.stats.median
+    nbytes = step_bytes(shape, dtype)
+    median = benchmark.stats.stats.median / reps
     key = (device, "x".join(map(str, shape)), str(dtype).replace("torch.", ""), f"eta={eta}", f"threads={threads or saved}")
     record_median(key, backend, median)
     benchmark.extra_info.update(
         backend=backend, device=device if device == "cpu" else torch.cuda.get_device_name(), shape=list(shape),
-        out_dtype=str(dtype), eta=eta, bytes=nbytes, GBps=round(nbytes / median / 1e9, 3), **versions(),
+        out_dtype=str(dtype), eta=eta, bytes=nbytes, GBps=round(nbytes / median / 1e9, 3), seconds_per_step=median,
+        steps_per_round=reps, **versions(),
     )
     if device == "cpu":
         benchmark.extra_info["threads"] = threads or saved
@@ -101,6 +117,34 @@ def test_step_cpu(benchmark, record_median, backend, shape, dtype, eta, threads)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_step_gpu(benchmark, record_median, backend, shape, dtype, eta):
     _run(benchmark, record_median, backend, "cuda", shape, dtype, eta)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GPU_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_copy_gpu(benchmark, record_median, shape, dtype):
+    """The device-to-device copy rate at the step's byte count: the bar's yardstick (same run).
+
+    One fp32 copy that reads and writes as many bytes as the step of (shape, dtype) moves in all.
+    """
+    nbytes = step_bytes(shape, dtype)
+    src = torch.randn(nbytes // 8, device="cuda")
+    dst = torch.empty_like(src)
+
+    def call():
+        for _ in range(GPU_REPS):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+
+    call()
+    benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median / GPU_REPS
+    key = ("cuda", "x".join(map(str, shape)), str(dtype).replace("torch.", ""), "copy")
+    record_median(key, "copy", median, baseline="copy")
+    benchmark.extra_info.update(
+        backend="copy", device=torch.cuda.get_device_name(), shape=list(shape), out_dtype=str(dtype), bytes=nbytes,
+        GBps=round(nbytes / median / 1e9, 3), seconds_per_copy=median, copies_per_round=GPU_REPS, **versions(),
+    )
 
 
 # ------------------------------------------------------------------ the noise against torch.randn
