@@ -102,8 +102,9 @@ def _box_muller(a, b):
 
 
 @triton.jit
-def _noise_tile(g, sample, step, rng_ptr, lane):
-    """(BLOCK, 4) normals of Philox groups g of global sample index ``sample`` (int64)."""
+def _noise_tile(g, sample, step, rng_ptr):
+    """(BLOCK, 4) normals of Philox groups g (BLOCK,) of global sample index ``sample`` (int64):
+    row i is group g[i]'s (z0, z1, z2, z3), the elements 4 g[i] .. 4 g[i] + 3."""
     seed = tl.load(rng_ptr).to(tl.uint64, bitcast=True)
     k0 = seed.to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
@@ -111,8 +112,11 @@ def _noise_tile(g, sample, step, rng_ptr, lane):
     x0, x1, x2, x3 = _philox(g.to(tl.uint32), zero + sample.to(tl.uint32), zero + step.to(tl.uint32), zero, k0, k1)
     z0, z1 = _box_muller(x0, x1)
     z2, z3 = _box_muller(x2, x3)
-    lane = lane[None, :]
-    return tl.where(lane == 0, z0[:, None], tl.where(lane == 1, z1[:, None], tl.where(lane == 2, z2[:, None], z3[:, None])))
+    # Joined, not picked per lane with tl.where: a (BLOCK, 4) tile built from a lane index lets
+    # Triton (3.6, sample sizes not a multiple of 16) give each thread one lane of a group and run
+    # Philox 4 times per group; join + reshape keeps a group's 4 normals in the thread that made them.
+    # (BLOCK, 2, 2) [i, b, a] = (z0, z2)[b] if a == 0 else (z1, z3)[b], i.e. z[2 b + a]: row-major reshape.
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (g.shape[0], 4))
 
 
 @triton.jit(do_not_specialize=["j"])
@@ -167,7 +171,7 @@ def _ddim_step_kernel(
         prev = c_x0 * x0 + c_eps * eps
     if HAS_NOISE:
         first = tl.load(rng_ptr + 1)
-        prev = prev + sigma * _noise_tile(g, first + b, j + 1, rng_ptr, lane)
+        prev = prev + sigma * _noise_tile(g, first + b, j + 1, rng_ptr)
 
     tl.store(prev_ptr + off, prev, mask=mask)
     if WRITE_X0:
@@ -235,7 +239,7 @@ def _normal_kernel(res_ptr, rng_ptr, step, numel, BLOCK: tl.constexpr):
     lane = tl.arange(0, 4)
     e = g[:, None] * 4 + lane[None, :]
     first = tl.load(rng_ptr + 1)
-    z = _noise_tile(g, first + b, step, rng_ptr, lane)
+    z = _noise_tile(g, first + b, step, rng_ptr)
     tl.store(res_ptr + b.to(tl.int64) * numel + e, z, mask=e < numel)
 
 
