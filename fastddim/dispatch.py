@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
+
 import torch
 
 from . import reference
@@ -78,18 +80,49 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def threshold_scale(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, plan: Plan,
-                    q: torch.Tensor | None = None) -> torch.Tensor:
+def threshold_scale(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, plan: Plan) -> torch.Tensor:
     """Dynamic thresholding's per-sample s (B,) for step j, as reference.threshold computes it.
 
-    The quantile needs all of a sample's x0 before any element can be clipped, so it is a
-    separate reduction; the fused kernel then recomputes x0 and applies clamp(x0, -s, s) / s.
-    The scalars are 0-dim views of the device table (no sync) and round as the Python floats do.
+    x: (B, *shape) fp32, out: the model output (B, *shape). The quantile needs all of a sample's
+    x0 before any element can be clipped, so it is a separate reduction; the fused kernel then
+    recomputes x0 and applies clamp(x0, -s, s) / s. The scalars are 0-dim views of the device
+    table (no sync) and round as the Python floats do.
     """
     x0, _ = reference.predict_x0_eps(x, out.float(), table[j, 0], table[j, 1], plan.prediction_type)
     flat = x0.reshape(x0.shape[0], -1).abs()
-    q = plan.dynamic_thresholding_ratio if q is None else q  # a 0-dim tensor q compiles on torch 2.11 too
-    return torch.quantile(flat, q, dim=1).clamp(min=1, max=plan.sample_max_value)
+    return row_quantile(flat, plan.dynamic_thresholding_ratio).clamp(min=1, max=plan.sample_max_value)
+
+
+def row_quantile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(flat, q, dim=1)`` (linear interpolation) bit for bit, and traceable.
+
+    flat: (B, N) float32; q: a Python float in [0, 1]. Returns (B,) float32.
+    torch.quantile checks q's range with a device comparison (aten.equal), which
+    ``torch.compile(fullgraph=True)`` cannot trace on CPU tensors on torch 2.11, whether q is a
+    float or a 0-dim tensor. q and N are fixed per run, so the rank is host arithmetic, in float32
+    as torch does it: rank = float32(q) * (N - 1), weight = rank - trunc(rank), then the lerp of the
+    two sorted neighbours with a weight tensor on contiguous (B, 1) rows (torch's own lerp kernel
+    and layout: its vectorised path uses FMA, so a strided or scalar-weight lerp could round
+    differently). A row holding a NaN gives NaN, as torch's (it sorts NaN last and moves the rank there).
+    """
+    n = flat.shape[1]
+    rank = _float32(_float32(q) * _float32(n - 1))  # the exact product of two float32s, rounded once
+    below, above = int(rank), math.ceil(rank)
+    weight = rank - below  # exact: the fraction bits of a float32
+    s = torch.sort(flat, dim=1).values
+    lo = s[:, below:below + 1].contiguous()
+    hi = s[:, above:above + 1].contiguous()
+    res = torch.lerp(lo, hi, torch.full_like(lo, weight))
+    last = s[:, n - 1:n]
+    return torch.where(last.isnan(), last, res).squeeze(1)
+
+
+def _float32(x: float) -> float:
+    """x >= 0 rounded to the nearest float32 (ties to even), in Python arithmetic that dynamo
+    folds at trace time (numpy scalars there become traced ops that return no tensor)."""
+    _, e = math.frexp(x)
+    e = max(e, -125)  # float32 subnormals: a fixed 2**-149 step
+    return math.ldexp(round(math.ldexp(x, 24 - e)), e - 24)
 
 
 def _clip_mode(plan: Plan) -> tuple[int, float]:
@@ -107,8 +140,8 @@ class Step:
     """The step of one plan on one backend, with its static device buffers.
 
     ``step(x, out, j, first_index) -> (x_prev, x0)`` (or ``(x_prev, x0, x_low)`` with
-    ``low_dtype``): x (B, *shape) fp32, out the model output (B, *shape). The plan table, the rng
-    state (seed bits, first_index) and the thresholding quantile live in device tensors made once
+    ``low_dtype``): x (B, *shape) fp32, out the model output (B, *shape). The plan table and the rng
+    state (seed bits, first_index) live in device tensors made once
     and updated in place (``set_rng``: ``fill_``), never re-created per batch, so a CUDA graph that
     captured them replays with new values. ``first_index=None``: use what the rng buffer holds.
     """
@@ -130,8 +163,6 @@ class Step:
             self.table = plan.table.to(self.device)
             self.pred = PRED_CODES[plan.prediction_type]
             self.clip, self.clip_range = _clip_mode(plan)
-            # q as a 0-dim tensor: a float q breaks fullgraph compiles of torch.quantile on torch 2.11.
-            self.q = torch.tensor(plan.dynamic_thresholding_ratio, dtype=torch.float32).to(self.device)
 
     def set_rng(self, seed: int, first_index: int) -> None:
         """Point the noise at (seed, first_index) in place (no allocation, no host sync)."""
@@ -167,7 +198,7 @@ class Step:
             out = out.float()
         x, out = x.float().contiguous(), out.contiguous()
         plan = self.plan
-        s = threshold_scale(x, out, self.table, j, plan, self.q) if self.clip == CLIP_THRESHOLD else None
+        s = threshold_scale(x, out, self.table, j, plan) if self.clip == CLIP_THRESHOLD else None
         # Eagerly, call the op's implementation directly: the dispatcher round trip costs more
         # than the whole kernel at small sizes. Under torch.compile, the registered op.
         op = torch.ops.fastddim.ddim_step if torch.compiler.is_compiling() else self._ops.ddim_step
