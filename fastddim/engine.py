@@ -16,7 +16,6 @@ over one prepared run; ``fastddim/graph.py`` captures ``Run.trajectory`` in a CU
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -27,8 +26,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import copies
 from .checks import check_device, check_dtype, check_int, check_seed
 from .dispatch import Step, make_step, resolve_backend
+from .kwargs import pad, split_model_kwargs
 from .plan import PLAN_KWARGS, Plan, make_plan
 from .profiling import nvtx_range
 from .schedule import Schedule
@@ -39,7 +40,6 @@ __all__ = ["prepare", "Run", "FiniteFlags", "model_output", "default_batch_size"
 # fastddim's capture of the whole trajectory owns the graphs (nesting them breaks both).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
-MEMORY_FORMATS = ("auto", torch.channels_last, torch.contiguous_format)
 # Default samples per model call, for samples of REFERENCE_NUMEL elements (see default_batch_size).
 CPU_BATCH, CUDA_BATCH, REFERENCE_NUMEL = 64, 1024, 3 * 32 * 32
 
@@ -131,93 +131,13 @@ def check_output(out: torch.Tensor, x: torch.Tensor, t: int, learned_variance: b
 
 
 # ---------------------------------------------------------------- the model as it is called
-@dataclass
-class _Copy:
-    """A converted copy of a user's module, refreshed when the module's weights change."""
-
-    module: torch.nn.Module
-    stamp: tuple
-
-
-def _stamp(module: torch.nn.Module) -> tuple:
-    # Parameters changed in place (an optimizer step) bump _version; replaced ones change address.
-    # Inference tensors (a module built under torch.inference_mode) have no version counter.
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype)
-                 for t in (*module.parameters(), *module.buffers()))
-
-
-_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-_COMPILED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
 def clear_cache() -> None:
-    """Forget every cached plan, model copy, compiled model and captured CUDA graph."""
+    """Forget every cached plan, model copy, compiled model, layout probe and captured CUDA graph."""
     _PLANS.clear()
-    _COPIES.clear()
-    _COMPILED.clear()
+    copies.clear_cache()
     from . import graph
 
     graph.clear_cache()
-
-
-def _needs_copy(module: torch.nn.Module, dtype: torch.dtype, memory_format) -> bool:
-    floats = [p for p in (*module.parameters(), *module.buffers()) if p.is_floating_point()]
-    wrong_dtype = dtype != torch.float32 and any(p.dtype != dtype for p in floats)
-    wrong_format = memory_format == torch.channels_last and any(
-        p.ndim == 4 and not p.is_contiguous(memory_format=torch.channels_last) for p in floats
-    )
-    return wrong_dtype or wrong_format
-
-
-def _converted(module: torch.nn.Module, dtype: torch.dtype, memory_format) -> torch.nn.Module:
-    """The module in ``dtype`` and ``memory_format``: itself if already so, else a cached copy.
-
-    The user's module is never changed (``Module.to`` works in place). The copy costs the model's
-    weights once more in memory; it is refreshed in place when the user's weights change (an
-    optimizer step between two calls), so it never samples with stale weights.
-    """
-    if not _needs_copy(module, dtype, memory_format):
-        return module
-    key = (dtype, memory_format)
-    per_model = _COPIES.setdefault(module, {})
-    stamp = _stamp(module)
-    c = per_model.get(key)
-    if c is not None and c.stamp == stamp:
-        return c.module
-    if c is not None and _refresh(c.module, module):
-        c.stamp = stamp
-        return c.module
-    new = copy.deepcopy(module).eval()
-    new.requires_grad_(False)
-    if dtype != torch.float32:
-        new = new.to(dtype)
-    if memory_format == torch.channels_last:
-        new = new.to(memory_format=torch.channels_last)
-    per_model[key] = _Copy(new, stamp)
-    return new
-
-
-def _refresh(dst: torch.nn.Module, src: torch.nn.Module) -> bool:
-    """Copy src's current weights into dst in place (keeps a compiled dst valid); False if the structure changed."""
-    d, s = list(dst.state_dict(keep_vars=True).items()), list(src.state_dict(keep_vars=True).items())
-    if [(k, v.shape) for k, v in d] != [(k, v.shape) for k, v in s]:
-        return False
-    with torch.no_grad():
-        for (_, a), (_, b) in zip(d, s):
-            a.copy_(b)
-    return True
-
-
-def _compiled(model, mode: str, device: torch.device):
-    """torch.compile(model, mode) made once per (model, mode) and cached while the model lives."""
-    try:
-        per_model = _COMPILED.setdefault(model, {})
-    except TypeError:  # not weak-referenceable (e.g. a bound method): compile without caching
-        per_model = {}
-    fn = per_model.get(mode)
-    if fn is None:
-        fn = per_model[mode] = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
-    return fn
 
 
 def _check_compile(compile, device: torch.device) -> str | None:
@@ -234,23 +154,6 @@ def _check_compile(compile, device: torch.device) -> str | None:
     return mode
 
 
-def _memory_format(memory_format, model, shape: tuple, backend: str):
-    """'auto': channels_last for a conv module on images, except on the torch reference backend.
-
-    channels_last is 1.3-1.6x faster for the built-in U-Net's forward on the CPU (oneDNN, measured
-    interleaved at batch 64, benchmarks/RESULTS.md) and the usual
-    layout for tensor-core convolutions; it reorders fp32 sums, so the reference backend, which
-    promises diffusers' numbers bit for bit, keeps the model exactly as given.
-    """
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format must be 'auto', torch.channels_last or torch.contiguous_format, got {memory_format!r}")
-    if memory_format != "auto":
-        return memory_format
-    is_conv = isinstance(model, torch.nn.Module) and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    use = is_conv and len(shape) == 3 and backend != "torch"
-    return torch.channels_last if use else torch.contiguous_format
-
-
 # ------------------------------------------------------------------------------- batching
 def default_batch_size(device: torch.device, n: int, shape: tuple[int, ...]) -> int:
     """Samples per model call when not given: memory flat in n, and in the image size.
@@ -263,35 +166,6 @@ def default_batch_size(device: torch.device, n: int, shape: tuple[int, ...]) -> 
     per_sample = math.prod(shape)
     budget = (CUDA_BATCH if device.type == "cuda" else CPU_BATCH) * REFERENCE_NUMEL
     return max(1, min(n, budget // per_sample))
-
-
-def split_model_kwargs(model_kwargs: dict | None, n: int, device: torch.device) -> tuple[dict, dict]:
-    """(shared, per_sample): tensors with leading dimension n are per sample, sliced per batch.
-
-    A tensor whose leading dimension is 1 (or a 0-dim tensor, or anything not a tensor) is passed
-    to every call as is; any other leading dimension is an error naming the key.
-    """
-    if model_kwargs is None:
-        return {}, {}
-    if not isinstance(model_kwargs, dict):
-        raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
-    shared, per_sample = {}, {}
-    for k, v in model_kwargs.items():
-        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] != 1:
-            if v.shape[0] != n:
-                raise ValueError(
-                    f"model_kwargs[{k!r}] has leading dimension {v.shape[0]}: expected n = {n} (one row per sample, "
-                    f"sliced per batch) or 1 (shared by all)"
-                )
-            per_sample[k] = v.to(device)
-        else:
-            shared[k] = v.to(device) if isinstance(v, torch.Tensor) else v
-    return shared, per_sample
-
-
-def _pad(t: torch.Tensor, b: int) -> torch.Tensor:
-    """t (k, ...) with its last row repeated to b rows (k <= b)."""
-    return t if t.shape[0] == b else torch.cat([t, t[-1:].expand(b - t.shape[0], *t.shape[1:])])
 
 
 class FiniteFlags:
@@ -329,7 +203,8 @@ class Run:
     is float32), ``batch_size``, ``seed``, ``n``/``first_index`` (the samples that per-sample
     ``model_kwargs`` rows describe), ``step`` (the fused step with its static device buffers),
     ``compile_mode`` and ``compile_seconds`` (the first compiled call), ``capture_seconds`` (CUDA
-    graph warm-up and capture), both reported apart from the sampling time.
+    graph warm-up and capture), both reported apart from the sampling time; ``memory_format``
+    with ``layout`` (why: fastddim/copies.py) and ``copy_bytes`` (what the model's copy costs).
     """
 
     model: Callable
@@ -356,6 +231,8 @@ class Run:
     step_names: list = field(init=False)
     compile_seconds: float = 0.0
     capture_seconds: float = 0.0
+    layout: copies.Layout | None = None  # the memory format and why (copies.choose_layout)
+    copy_bytes: int = 0  # what the model's converted copy costs; 0 when called as given
     _checked: bool = False
 
     def __post_init__(self):
@@ -369,7 +246,7 @@ class Run:
         rows = b if rows is None else rows
         kw = dict(self.shared_kwargs)
         for k, v in self.per_sample_kwargs.items():
-            kw[k] = _pad(v[start:start + b], rows)
+            kw[k] = pad(v[start:start + b], rows)
         return kw
 
     def x_T(self, b: int, first_index: int) -> torch.Tensor:
@@ -468,7 +345,7 @@ class Run:
         if x is None:
             x = self.x_T(rows, idx0)
         else:
-            x = _pad(x, rows)
+            x = pad(x, rows)
         out = self.trajectory(x, idx0, kwargs, callback)
         self.check_batch(idx0)
         return out[:b]
@@ -575,20 +452,29 @@ def prepare(
         with nvtx_range("fastddim.plan", dev):
             plan = plan_for(schedule, steps, eta, spacing, plan_kwargs)
     batch_size = default_batch_size(dev, n, shape) if batch_size is None else min(check_int("batch_size", batch_size, 1), n)
-    shared, per_sample = split_model_kwargs(model_kwargs, n, dev)
+    shared, per_sample = split_model_kwargs(model_kwargs, n, dev, dtype)
     backend_name = resolve_backend(backend, dev)
     mode = _check_compile(compile, dev)
-    fmt = _memory_format(memory_format, model, shape, backend_name)
-    called = model
-    if isinstance(model, torch.nn.Module):
-        called = _converted(model, dtype, fmt)
-    if mode is not None:
-        called = _compiled(called, mode, dev)
+    copies.check_memory_format(memory_format)
     low = dtype if dtype != torch.float32 else None
     step = make_step(backend_name, plan, seed, need_x0=need_x0, device=dev, low_dtype=low)
+    calls = plan.steps * math.ceil(n / batch_size)
+    probe = lambda: _probe_inputs(batch_size, shape, dtype, dev, plan.timesteps[0], shared, per_sample)  # noqa: E731
+    layout = copies.choose_layout(memory_format, model, shape, backend_name, dtype, batch_size, calls, dev, probe)
+    called = copies.model_as_called(model, dtype, layout.memory_format, mode)
     return Run(
         model=called, plan=plan, schedule=schedule if isinstance(schedule, Schedule) else None, backend=backend_name, shape=shape, device=dev, dtype=dtype, batch_size=batch_size,
         seed=seed, n=n, first_index=first_index, step=step, shared_kwargs=shared, per_sample_kwargs=per_sample,
-        learned_variance=learned_variance, check_finite=bool(check_finite), compile_mode=mode, memory_format=fmt,
-        pad=mode is not None if pad is None else bool(pad),
+        learned_variance=learned_variance, check_finite=bool(check_finite), compile_mode=mode,
+        memory_format=layout.memory_format, pad=mode is not None if pad is None else bool(pad), layout=layout,
+        copy_bytes=copies.copy_bytes(model, dtype, layout.memory_format),
     )
+
+
+def _probe_inputs(b: int, shape: tuple, dtype: torch.dtype, device: torch.device, t: int, shared: dict,
+                  per_sample: dict) -> tuple:
+    """What the layout probe calls the model with: x (b, *shape) in dtype, t (b,), the first batch's kwargs."""
+    gen = torch.Generator(device).manual_seed(0)  # the global RNG is the user's: leave it alone
+    x = torch.randn((b, *shape), generator=gen, device=device).to(dtype)
+    kwargs = {**shared, **{k: pad(v[:b], b) for k, v in per_sample.items()}}
+    return x, torch.full((b,), t, dtype=torch.int64, device=device), kwargs

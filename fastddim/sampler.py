@@ -51,7 +51,7 @@ def _record(kind: str, run: Run, n: int, seconds: float, **extra) -> None:
         kind=kind, backend=run.backend, device=str(run.device), timesteps=list(run.plan.timesteps), n=n,
         batch_size=run.batch_size, dtype=str(run.dtype).removeprefix("torch."), compile=run.compile_mode,
         compile_seconds=run.compile_seconds, capture_seconds=run.capture_seconds, memory_format=str(run.memory_format).removeprefix("torch."),
-        seconds=seconds,
+        seconds=seconds, copy_bytes=run.copy_bytes, **run.layout.info(),
     )
     _LAST_RUN.update(extra)
     log.info("%s: backend=%s device=%s n=%d steps=%d %.3fs", kind, run.backend, run.device, n, run.plan.steps, seconds)

@@ -137,9 +137,9 @@ def test_bf16_with_fp32_weights_just_works_and_leaves_the_module_alone():
     torch.testing.assert_close(x, ref, atol=5e-2, rtol=5e-2)
 
 
-def test_channels_last_by_default_on_fused_backends_without_touching_the_module():
+def test_channels_last_copy_leaves_the_module_alone():  # "auto" and its probe: tests/test_copies.py
     net = tiny_unet()
-    x = fastddim.sample(net, n=4, steps=5, progress=False)
+    x = fastddim.sample(net, n=4, steps=5, memory_format=torch.channels_last, progress=False)
     assert fastddim.info()["last_run"]["memory_format"] == "channels_last"
     assert all(p.is_contiguous() for p in net.parameters())
     plain = fastddim.sample(net, n=4, steps=5, memory_format=torch.contiguous_format, progress=False)
