@@ -67,7 +67,8 @@ def seed_bits(seed: int) -> int:
 def normal_(backend: str, res: torch.Tensor, rng: torch.Tensor, step: int) -> torch.Tensor:
     """Fill ``res`` in place with ``fastddim.noise.normal(seed, first_index, n, step, shape)``.
 
-    res: (n, *shape) contiguous fp32 on the backend's device; rng: int64 (2,) = (seed bits,
+    res: (n, *shape) fp32 on the backend's device, any strides (a strided res is filled through a
+    contiguous temporary: the same numbers, one copy more); rng: int64 (2,) = (seed bits,
     first_index) on the same device (``rng_state``), read by the kernel, not here: nothing syncs,
     and a captured CUDA graph replays with whatever rng holds then. step: 0 for x_T, j + 1 for
     step j's noise (fastddim.noise's convention). backend: "cpp" (CPU), "cuda" or "triton" (a
@@ -79,11 +80,14 @@ def normal_(backend: str, res: torch.Tensor, rng: torch.Tensor, step: int) -> to
     want = {"cpp": "cpu", "cuda": "cuda"}.get(backend)
     if want is not None and res.device.type != want:
         raise ValueError(f"normal_: backend {backend!r} fills {want} tensors, res is on {res.device}")
+    if res.dim() < 1 or res.dtype != torch.float32:
+        raise ValueError(f"normal_: res must be a float32 (n, *shape) tensor, got {res.dtype} {tuple(res.shape)}")
+    rng = _rng(rng, res, "normal_", "res")
+    if not res.is_contiguous():
+        # The kernels write element i of a sample at offset i: fill a contiguous tensor (the same
+        # noise, element for element in res's logical order) and copy it into res's layout.
+        return res.copy_(normal_(backend, torch.empty(res.shape, dtype=res.dtype, device=res.device), rng, step))
     if backend == "triton":
-        if res.dim() < 1 or res.dtype != torch.float32 or not res.is_contiguous():
-            raise ValueError("normal_: res must be a contiguous float32 (n, *shape) tensor")
-        if rng.device != res.device or rng.dtype != torch.int64 or rng.shape != (2,) or not rng.is_contiguous():
-            raise ValueError("normal_: rng must be a contiguous int64 (2,) tensor (seed bits, first_index) on res's device")
         from fastddim.kernels import ddim_step as triton_step
 
         triton_step.normal_(res, rng, step)
@@ -92,8 +96,53 @@ def normal_(backend: str, res: torch.Tensor, rng: torch.Tensor, step: int) -> to
     return res
 
 
+def _rng(rng: torch.Tensor, like: torch.Tensor, op: str, name: str) -> torch.Tensor:
+    """rng checked (int64, 2 elements, on ``like``'s device) and contiguous. A strided rng becomes
+    a copy: under CUDA graph capture, a copy kernel that reads the original's values at replay."""
+    if rng.device != like.device or rng.dtype != torch.int64 or rng.shape != (2,):
+        raise ValueError(
+            f"{op}: rng must be an int64 (2,) tensor (seed bits, first_index) on {name}'s device ({like.device}), "
+            f"got {rng.dtype} {tuple(rng.shape)} on {rng.device}"
+        )
+    return rng.contiguous()
+
+
+def _check_triton_step(x, out, table, j, s, pred, clip) -> None:
+    """The checks fastddim._C makes at its boundary (csrc/bindings.cpp), for the Triton kernel,
+    which takes raw pointers and would read out of bounds or misread dtypes without them."""
+    if x.dim() < 1 or x.dtype != torch.float32:
+        raise ValueError(f"ddim_step: x must be a float32 (B, *shape) tensor, got {x.dtype} {tuple(x.shape)}")
+    for name, t in (("out", out), ("table", table), ("s", s)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"ddim_step: {name} is on {t.device}, x on {x.device}")
+    if out.shape != x.shape or out.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"ddim_step: out must be float32, bfloat16 or float16 of x's shape {tuple(x.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != 6:
+        raise ValueError(f"ddim_step: table must be a float32 (S, 6) tensor, got {table.dtype} {tuple(table.shape)}")
+    if not 0 <= j < table.shape[0]:
+        raise ValueError(f"ddim_step: j={j} out of range for a table of {table.shape[0]} steps")
+    if pred not in PRED_CODES.values():
+        raise ValueError(f"ddim_step: pred must be 0 (epsilon), 1 (sample) or 2 (v_prediction), got {pred}")
+    if clip not in (CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD):
+        raise ValueError(f"ddim_step: clip must be 0 (none), 1 (range) or 2 (threshold), got {clip}")
+    if clip == CLIP_THRESHOLD and (s is None or s.dtype != torch.float32 or s.shape != x.shape[:1]):
+        raise ValueError(f"ddim_step: clip=2 (threshold) needs s, a float32 ({x.shape[0]},) tensor, got "
+                         f"{None if s is None else (s.dtype, tuple(s.shape))}")
+
+
 def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
+
+
+def _outputs(x: torch.Tensor, need_x0: bool, low_dtype: torch.dtype | None):
+    """The op's (x_prev, x0, x_low): contiguous (B, *shape) whatever x's layout (the kernels write
+    element i of a sample at offset i); x0 / x_low empty (0,) when not asked for. Shared by the op
+    and its fake, so that their strides agree."""
+    def new(dtype=torch.float32):
+        return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+    return new(), new() if need_x0 else _empty(x), new(low_dtype) if low_dtype is not None else _empty(x)
 
 
 # Defined with the low-level Library API rather than torch.library.custom_op: the latter imports
@@ -113,24 +162,31 @@ def ddim_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused step j: returns (x_prev, x0, x_low); x0 / x_low are empty (0,) when not asked for.
 
-    x: (B, *shape) contiguous fp32; out: same shape, fp32/bf16/fp16; table: the plan's (S, 6)
-    fp32 table on x's device; rng: int64 (2,) = (seed bits, first_index) on x's device; s: (B,)
-    fp32 thresholds (clip=2); backend: "triton", "cpp" or "cuda". pred, clip: PRED_CODES, CLIP_*.
+    x: (B, *shape) fp32; out: same shape, fp32/bf16/fp16; table: the plan's (S, 6) fp32 table on
+    x's device; rng: int64 (2,) = (seed bits, first_index) on x's device; s: (B,) fp32 thresholds
+    (clip=2); backend: "triton", "cpp" or "cuda". pred, clip: PRED_CODES, CLIP_*. Any strides
+    (channels_last, slices, transposes): the kernels index a sample linearly, so the inputs are
+    made contiguous here (a no-op when they are) and the outputs are contiguous. Bad arguments
+    raise before any work (the C++ extension's own checks, or the same ones here for Triton).
     Call it as torch.ops.fastddim.ddim_step(...).
     """
-    x_prev = torch.empty_like(x)
-    x0 = torch.empty_like(x) if need_x0 else None
-    x_low = torch.empty_like(x, dtype=low_dtype) if low_dtype is not None else None
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"fastddim::ddim_step: backend must be one of {FUSED_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        _check_triton_step(x, out, table, j, s, pred, clip)
+    rng = _rng(rng, x, "ddim_step", "x")
+    x, out, table = x.contiguous(), out.contiguous(), table.contiguous()
+    s = s.contiguous() if s is not None else None
+    outputs = x_prev, x0, x_low = _outputs(x, need_x0, low_dtype)
+    x0, x_low = x0 if need_x0 else None, x_low if low_dtype is not None else None
     kw = dict(pred=pred, clip=clip, clip_range=clip_range, s=s, clipped_eps=clipped_eps, sigma_hat=sigma_hat, noise=noise)
     if backend == "triton":
         from fastddim.kernels import ddim_step as triton_step
 
         triton_step.ddim_step(x, out, table, j, rng, x_prev, x0, x_low, **kw)
-    elif backend in ("cpp", "cuda"):
-        extension().ddim_step(x, out, table, j, rng, x_prev, x0, x_low, **kw)
     else:
-        raise ValueError(f"fastddim::ddim_step: backend must be one of {FUSED_BACKENDS}, got {backend!r}")
-    return x_prev, x0 if x0 is not None else _empty(x), x_low if x_low is not None else _empty(x)
+        extension().ddim_step(x, out, table, j, rng, x_prev, x0, x_low, **kw)
+    return outputs
 
 
 _lib.impl("ddim_step", ddim_step, "CompositeExplicitAutograd")
@@ -138,7 +194,4 @@ _lib.impl("ddim_step", ddim_step, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("fastddim::ddim_step", lib=_lib)
 def _(x, out, table, j, rng, s, backend, pred, clip, clip_range, clipped_eps, sigma_hat, noise, need_x0, low_dtype):
-    x_prev = torch.empty_like(x)
-    x0 = torch.empty_like(x) if need_x0 else _empty(x)
-    x_low = torch.empty_like(x, dtype=low_dtype) if low_dtype is not None else _empty(x)
-    return x_prev, x0, x_low
+    return _outputs(x, need_x0, low_dtype)

@@ -44,6 +44,8 @@ def backend_param(name: str, device: str = "cpu"):
 
 
 CPU_FUSED = [backend_param("cpp"), backend_param("triton")]
+# Skipped with the reason where a backend is missing; without a GPU the `gpu` marker skips them all.
+GPU_FUSED = [backend_param("triton", "cuda"), backend_param("cuda", "cuda")]
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float, what: str) -> None:
@@ -76,7 +78,7 @@ def reference_step(plan, x, out, j, seed, first_index):
 
 def check_against_reference(backend, plan, shape, dtype, atol, rtol, steps, device="cpu", seed=1234, first_index=7, data=None):
     x, out = data if data is not None else inputs(shape, dtype, device=device)
-    step = make_step(backend, plan, seed)
+    step = make_step(backend, plan, seed, device=torch.device(device))  # its table, rng and q on x's device
     for j in steps:
         prev, x0 = step(x, out, j, first_index)
         want_prev, want_x0 = reference_step(plan, x, out, j, seed, first_index)
@@ -202,6 +204,85 @@ def test_table_moved_once_and_no_per_step_copies(monkeypatch):
     assert calls == []
 
 
+# ------------------------------------------------------------- the op's boundary: any strides
+def strided_cases(device="cpu"):
+    """name -> (x, out): the layouts users hand the op, all of logical shape (2, 3, 6, 5)."""
+    x, out = inputs((2, 3, 6, 5), torch.bfloat16, seed=3, device=device)
+    big_x, big_out = inputs((2, 3, 12, 8), torch.float32, seed=4, device=device)
+    cl = torch.channels_last
+    return {
+        "channels_last out": (x, out.to(memory_format=cl)),  # a channels_last model next to a contiguous x
+        "channels_last both": (x.to(memory_format=cl), out.to(memory_format=cl)),
+        "sliced": (big_x[:, :, ::2, 1:-2], big_out[:, :, ::2, 1:-2]),
+        "transposed": (x.transpose(2, 3).contiguous().transpose(2, 3), out.transpose(2, 3).contiguous().transpose(2, 3)),
+        "broadcast out": (x, out[:1].expand_as(out)),
+    }
+
+
+# (pred, clip, noise): epsilon with noise; v_prediction thresholded by a strided s, eps from the clipped x0.
+OP_MODES = [(0, _ops.CLIP_NONE, True), (2, _ops.CLIP_THRESHOLD, True)]
+
+
+def check_op_on_strided_inputs(backend: str, device: str = "cpu") -> None:
+    """Both entry points (_ops.ddim_step and the registered op) on every strided case give, bit for
+    bit, what they give on contiguous copies, and contiguous outputs."""
+    plan = make_plan(SCHEDULE, S, eta=1.0)
+    table, rng = plan.table.to(device), _ops.rng_state(99, 5, device)
+    s = torch.tensor([1.5, 9.0, 2.5, 9.0], device=device)[::2]  # not contiguous
+    ops = {"_ops.ddim_step": _ops.ddim_step, "torch.ops.fastddim.ddim_step": torch.ops.fastddim.ddim_step}
+    for case, (x, out) in strided_cases(device).items():
+        assert not (x.is_contiguous() and out.is_contiguous()), case
+        for pred, clip, noise in OP_MODES:
+            args = (table, 3, rng, s if clip == _ops.CLIP_THRESHOLD else None, backend, pred, clip, 1.0,
+                    clip == _ops.CLIP_THRESHOLD, False, noise, True, torch.bfloat16)
+            want = _ops.ddim_step(x.contiguous(), out.contiguous(), *args)
+            for name, op in ops.items():
+                got = op(x, out, *args)
+                what = f"{backend} {name} {case} pred={pred} clip={clip}"
+                for g, w, part in zip(got, want, ("x_prev", "x0", "x_low")):
+                    assert g.is_contiguous() and g.shape == w.shape, f"{what} {part}: {g.shape} {g.stride()}"
+                    if not torch.equal(g, w):
+                        assert_close(g, w, 0.0, 0.0, f"{what} {part}")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_op_handles_any_strides(backend):
+    check_op_on_strided_inputs(backend)
+
+
+def test_triton_op_rejects_bad_arguments():
+    """The Triton kernel takes raw pointers: the op checks what csrc/bindings.cpp checks for the C++
+    one, before anything runs (a wrong shape would read out of bounds, a wrong dtype misread)."""
+    if available_backends(torch.device("cpu"))["triton"] is not None:
+        pytest.skip(available_backends(torch.device("cpu"))["triton"])
+    plan = make_plan(SCHEDULE, S, eta=1.0)
+    x, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    good = dict(x=x, out=out, table=plan.table, j=0, rng=_ops.rng_state(1, 0, "cpu"), s=None, backend="triton", pred=0,
+                clip=0, clip_range=1.0, clipped_eps=False, sigma_hat=False, noise=True, need_x0=True, low_dtype=None)
+    _ops.ddim_step(**good)
+    bad = [
+        (dict(x=x.double()), "x must be a float32"),
+        (dict(x=x[0, 0, 0]), "x must be a float32"),
+        (dict(out=out[:1]), "out must be float32, bfloat16 or float16 of x's shape"),
+        (dict(out=out.int()), "out must be float32, bfloat16 or float16"),
+        (dict(out=out.to("meta")), "out is on meta"),
+        (dict(table=plan.table[:, :5]), "table must be a float32 .S, 6."),
+        (dict(table=plan.table.double()), "table must be a float32"),
+        (dict(j=S), "j=10 out of range"),
+        (dict(j=-1), "j=-1 out of range"),
+        (dict(rng=torch.tensor([1])), "rng must be an int64 .2,."),
+        (dict(rng=torch.tensor([1.0, 0.0])), "rng must be an int64"),
+        (dict(pred=3), "pred must be"),
+        (dict(clip=3), "clip must be"),
+        (dict(clip=2), "clip=2 .threshold. needs s"),
+        (dict(clip=2, s=torch.ones(3)), "clip=2 .threshold. needs s"),
+        (dict(backend="torch"), "backend must be one of"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            _ops.ddim_step(**{**good, **change})
+
+
 # ---------------------------------------------------------------------- the C++ boundary
 @pytest.fixture
 def C():
@@ -281,6 +362,9 @@ def test_custom_op_opcheck(C):
     x, out = inputs((2, 3, 5), torch.bfloat16)
     args = (x, out, plan.table, 1, _ops.rng_state(2**64 - 1, 3, "cpu"), None, "cpp", 0, 1, 1.0, False, False, True, True, torch.bfloat16)
     torch.library.opcheck(torch.ops.fastddim.ddim_step.default, args, test_utils=("test_schema", "test_faketensor"))
+    # channels_last inputs: the fake's outputs have the real op's (contiguous) strides.
+    x, out = (t.to(memory_format=torch.channels_last) for t in inputs((2, 3, 4, 5), torch.bfloat16))
+    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, (x, out, *args[2:]), test_utils=("test_faketensor",))
 
 
 # -------------------------------------------------------------------------------- GPU
@@ -288,10 +372,8 @@ def test_custom_op_opcheck(C):
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
 @pytest.mark.parametrize("eta", ETAS, ids=str)
 @pytest.mark.parametrize("pred", PREDS)
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_step_matches_reference(backend, pred, eta, dtype, atol, rtol):
-    if available_backends(torch.device("cuda"))[backend] is not None:
-        pytest.skip(available_backends(torch.device("cuda"))[backend])
     for clip in CLIPS:
         plan = make_plan(SCHEDULE, S, eta=eta, prediction_type=pred, **CLIPS[clip])
         for shape in CPP_SHAPES + [(64, 3, 32, 32)]:
@@ -301,11 +383,15 @@ def test_gpu_step_matches_reference(backend, pred, eta, dtype, atol, rtol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_op_handles_any_strides(backend):
+    check_op_on_strided_inputs(backend, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_graph_replays_with_new_seed(backend):
     """The seed and first index are read from a device tensor: a captured step replays with new ones."""
-    if available_backends(torch.device("cuda"))[backend] is not None:
-        pytest.skip(available_backends(torch.device("cuda"))[backend])
     plan = make_plan(SCHEDULE, S, eta=1.0)
     table = plan.table.cuda()
     x, out = inputs((4, 3, 16, 16), torch.float32, device="cuda")

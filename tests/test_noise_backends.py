@@ -70,6 +70,8 @@ CPP_PATHS = [
     for p in SIMD_PATHS
 ]
 CPU_FUSED = CPP_PATHS + [backend_param("triton")]
+# Skipped with the reason where a backend is missing; without a GPU the `gpu` marker skips them all.
+GPU_FUSED = [backend_param("cuda", "cuda"), backend_param("triton", "cuda")]
 
 
 def split(backend: str) -> tuple[str, contextlib.AbstractContextManager]:
@@ -181,17 +183,43 @@ def test_normal_op_rejects_bad_arguments():
         _ops.normal_("cuda", res, rng, 0)
     names = ["cpp"] * (_ops.extension_error() is None) + ["triton"] * (available_backends(torch.device("cpu"))["triton"] is None)
     bad = [
-        (res.double(), rng, "res must be a contiguous float32"),
-        (res.transpose(1, 2), rng, "res must be a contiguous float32"),
-        (torch.empty(()), rng, "res must be a contiguous float32"),
-        (res, torch.tensor([1]), "rng must be"),
-        (res, rng.float(), "rng must be"),
-        (res, torch.tensor([1, 7, 0, 7])[::2], "rng must be"),  # not contiguous
+        (res.double(), rng, "res must be a float32 .n, .shape. tensor, got torch.float64"),
+        (torch.empty(()), rng, "res must be a float32 .n, .shape. tensor"),
+        (res, torch.tensor([1]), "rng must be an int64 .2,. tensor"),
+        (res, rng.float(), "rng must be an int64 .2,. tensor"),
+        (res, rng.to("meta"), "rng must be an int64 .2,. tensor .* on res's device"),
     ]
     for name in names:
         for r, g, message in bad:
-            with pytest.raises((RuntimeError, ValueError), match=message):
+            with pytest.raises(ValueError, match=message):
                 _ops.normal_(name, r, g, 0)
+
+
+def check_normal_into_strided(backend: str, device: str = "cpu") -> None:
+    """_ops.normal_ into a transposed, sliced or channels_last res, with a strided rng, fills res in
+    place with, element for element, the numbers it gives a contiguous res."""
+    name, path = split(backend)
+    big = torch.full((3, 4, 10, 14), float("nan"), device=device)
+    cases = {
+        "transposed": torch.empty(3, 4, 7, 5, device=device).transpose(2, 3),
+        "sliced": big[:, :, ::2, 2:-3],
+        "channels_last": torch.empty(3, 4, 5, 9, device=device).to(memory_format=torch.channels_last),
+    }
+    rng = torch.tensor([5, 0, 2**40 + 3, 0, 11, 0], device=device)[::2][1:]  # (2**40 + 3, 11), not contiguous
+    with path:
+        for case, res in cases.items():
+            assert not res.is_contiguous() and not rng.is_contiguous()
+            ptr, stride = res.data_ptr(), res.stride()
+            assert _ops.normal_(name, res, rng, 6) is res
+            want = _ops.normal_(name, torch.empty(res.shape, device=device), rng.contiguous(), 6)
+            assert (res.data_ptr(), res.stride()) == (ptr, stride), case
+            assert torch.equal(res, want), f"{backend} {case}: max |diff| {(res - want).abs().max().item()}"
+    assert big.isnan().sum() == big.numel() - 3 * 4 * 5 * 9  # nothing written outside the slice
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_normal_op_fills_any_strides(backend):
+    check_normal_into_strided(backend)
 
 
 @pytest.mark.skipif(_path_reason("avx2") is not None, reason=str(_path_reason("avx2")))
@@ -326,10 +354,8 @@ def test_sample_equals_torch_backend(backend, eta, options):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_noise(backend):
-    if available_backends(torch.device("cuda"))[backend] is not None:
-        pytest.skip(available_backends(torch.device("cuda"))[backend])
     g = torch.Generator().manual_seed(0)
     ctr = torch.randint(0, 2**32, (4096, 4), generator=g, dtype=torch.int64)
     if backend == "cuda":
@@ -344,11 +370,15 @@ def test_gpu_noise(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_normal_op_fills_any_strides(backend):
+    check_normal_into_strided(backend, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_normal_op_replays_in_a_graph_with_new_rng(backend):
     """x_T captured in a CUDA graph: a replay after rng.copy_ gives the new seed's noise."""
-    if available_backends(torch.device("cuda"))[backend] is not None:
-        pytest.skip(available_backends(torch.device("cuda"))[backend])
     res = torch.empty(4, 3, 17, 19, device="cuda")
     rng = _ops.rng_state(1, 0, "cuda")
     side = torch.cuda.Stream()
