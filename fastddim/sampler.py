@@ -117,7 +117,8 @@ def sample(
         seed: noise seed in [0, 2**64); sample i's noise is a pure function of (seed, i, step).
         x_T: (n, *shape) initial noise; default drawn from (seed, first_index + i).
         batch_size: samples per model call (default: 64 on the CPU, up to 1024 on CUDA; memory
-            stays flat in n). Results do not depend on it.
+            stays flat in n). Sample i's noise and step do not depend on it; the model's own
+            arithmetic may (torch's CPU convolutions round differently with the batch size).
         device: where to run (default: the model's device).
         dtype: the dtype of the model's input: ``torch.bfloat16``/``torch.float16`` run the model in
             low precision (a module with fp32 weights is used through a cached converted copy;
@@ -125,7 +126,8 @@ def sample(
             input in ``dtype`` in the same pass.
         model_kwargs: extra keyword arguments for every model call (e.g. class labels). A tensor
             with leading dimension n holds one row per sample and is sliced per batch; one with
-            leading dimension 1, or anything else, is passed to every call as is.
+            leading dimension 1, or anything else, is passed to every call as is. Floating tensors
+            are cast to ``dtype`` like the model input; integer and bool ones pass unchanged.
         progress: a tqdm bar of images (default: when stderr is a terminal).
         callback: ``callback(step, t, x_prev, x0)`` after every step of every batch (eager only).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"cuda"``; see ``fastddim.info()``.
@@ -139,9 +141,13 @@ def sample(
             (model + the custom op, fullgraph) was measured slower on the CPU (15.9 s against
             10.4 s for 64 samples of the built-in U-Net, compiling 295 s against 73 s, on a
             loaded 2-core machine), and on CUDA the graph layer removes the loop's launch cost.
-        memory_format: ``"auto"`` (default: channels_last for a module with 2-D convolutions on
-            image-shaped samples, through a cached copy, except on the bit-exact ``torch`` backend),
-            ``torch.channels_last`` or ``torch.contiguous_format``.
+        memory_format: ``"auto"`` (default: for a module with 2-D convolutions on (C, H, W)
+            samples on a fused backend, a timed probe of both layouts at the batch size decides,
+            cached per model, dtype, batch, shape and device; runs under 30 model calls keep the
+            model as given until a probe exists; fastddim/copies.py), ``torch.channels_last`` (a
+            cached copy: the weights once more) or ``torch.contiguous_format``. What ran and why:
+            ``info()["last_run"]`` ``memory_format``, ``memory_format_reason``, ``probe_ms``,
+            ``copy_bytes``.
         graph: ``"auto"`` (a CUDA graph of the whole trajectory on CUDA, not on the CPU),
             ``True`` or ``False`` (fastddim/graph.py).
         learned_variance: the model returns 2C channels (eps and a learned variance, as
