@@ -233,6 +233,7 @@ class Run:
     capture_seconds: float = 0.0
     layout: copies.Layout | None = None  # the memory format and why (copies.choose_layout)
     copy_bytes: int = 0  # what the model's converted copy costs; 0 when called as given
+    graph_replays: int = 0  # batches served by a replayed CUDA graph (graph.py): what info() reports
     _checked: bool = False
 
     def __post_init__(self):
@@ -300,7 +301,7 @@ class Run:
 
     # ---- the driver
     def sample(self, n: int | None = None, first_index: int | None = None, x_T: torch.Tensor | None = None, *,
-               progress: bool | None = None, callback=None, graph: bool = False,
+               progress: bool | None = None, callback=None, graph: bool | str = False,
                on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
         """Samples first_index .. first_index + n - 1 as (n, *shape) float32 on the run's device.
 
@@ -308,7 +309,8 @@ class Run:
         instead of the seeded noise. ``callback(step, t, x_prev, x0)`` runs after every step
         (the eager path only; prepare with need_x0=True for its x0). ``on_batch(b)`` runs after
         each batch of b samples (progress without host work per step). ``graph``: replay a
-        captured CUDA graph per batch (graph.py).
+        captured CUDA graph per batch (graph.py); ``True`` raises if capture fails, ``"auto"``
+        falls back to the eager loop with a warning.
         """
         n = self.n if n is None else check_int("n", n, 1)
         first_index = self.first_index if first_index is None else check_int("first_index", first_index, 0)
@@ -319,7 +321,7 @@ class Run:
         if graph:
             from . import graph as graph_mod
 
-            replay = graph_mod.captured(self)
+            replay = graph_mod.captured(self, strict=graph is True)
         try:
             with torch.inference_mode():
                 for start in range(0, n, self.batch_size):

@@ -30,7 +30,8 @@ def info() -> dict[str, Any]:
 
     Returns a dict: ``version``, ``torch``, ``backends`` (name -> None if usable on the CPU /
     the current CUDA device, else why not), ``last_run`` (backend, device, timesteps, n,
-    batch_size, dtype, compile mode and compile seconds, memory format, graph, seconds of the last
+    batch_size, dtype, compile mode and compile seconds, memory format, graph (True only when a
+    captured CUDA graph replayed) and graph_replays (batches it served), seconds of the last
     ``sample``/``invert`` call).
     """
     from . import __version__
@@ -57,12 +58,18 @@ def _record(kind: str, run: Run, n: int, seconds: float, **extra) -> None:
     log.info("%s: backend=%s device=%s n=%d steps=%d %.3fs", kind, run.backend, run.device, n, run.plan.steps, seconds)
 
 
-def _use_graph(graph, run: Run, callback) -> bool:
-    if graph not in GRAPH_CHOICES:
+def check_graph(graph) -> bool | str:
+    """graph= is True, False or "auto" (identity, so 1, 0 or a numpy bool are refused)."""
+    if not any(graph is c for c in GRAPH_CHOICES[1:]) and not (isinstance(graph, str) and graph == "auto"):
         raise ValueError(f"graph must be 'auto', True or False, got {graph!r}")
+    return graph
+
+
+def _use_graph(graph, run: Run, callback) -> bool | str:
+    """What Run.sample gets: False, True (strict: capture or raise) or "auto" (capture or warn)."""
     device = run.device
     if graph == "auto":
-        return device.type == "cuda" and callback is None and run.backend != "torch"
+        return "auto" if device.type == "cuda" and callback is None and run.backend != "torch" else False
     if graph and run.backend == "torch":
         raise ValueError("graph=True needs a fused backend: the torch reference draws its noise on the host")
     if graph and device.type != "cuda":
@@ -148,8 +155,12 @@ def sample(
             cached copy: the weights once more) or ``torch.contiguous_format``. What ran and why:
             ``info()["last_run"]`` ``memory_format``, ``memory_format_reason``, ``probe_ms``,
             ``copy_bytes``.
-        graph: ``"auto"`` (a CUDA graph of the whole trajectory on CUDA, not on the CPU),
-            ``True`` or ``False`` (fastddim/graph.py).
+        graph: ``"auto"`` (default: on CUDA with a fused backend and no callback, a CUDA graph of
+            the whole trajectory, falling back to the eager loop with a warning if capture fails;
+            elsewhere eager), ``True`` (a graph or an error: ``fastddim.graph.CaptureError`` from
+            the cause when capture fails; refused on the CPU, with ``backend="torch"`` or a
+            callback) or ``False`` (fastddim/graph.py). ``info()["last_run"]["graph"]`` is True
+            only when a captured graph replayed.
         learned_variance: the model returns 2C channels (eps and a learned variance, as
             guided-diffusion's ``learn_sigma`` or diffusers' ``variance_type="learned_range"``):
             use the first C (DDIM does not use the variance).
@@ -168,6 +179,7 @@ def sample(
         raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
+    check_graph(graph)
     run = prepare(
         model, n, steps, eta=eta, schedule=schedule, spacing=spacing, shape=shape, seed=seed, first_index=first_index,
         batch_size=batch_size, device=device, dtype=dtype, model_kwargs=model_kwargs, backend=backend, compile=compile,
@@ -177,7 +189,8 @@ def sample(
     use_graph = _use_graph(graph, run, callback)
     t0 = time.perf_counter()
     result = run.sample(n, first_index, x_T, progress=progress, callback=callback, graph=use_graph)
-    _record("sample", run, n, time.perf_counter() - t0, graph=use_graph)
+    # What ran, not what was asked for: "auto" after a failed capture replayed nothing.
+    _record("sample", run, n, time.perf_counter() - t0, graph=run.graph_replays > 0, graph_replays=run.graph_replays)
     return result
 
 
