@@ -1,4 +1,4 @@
-"""``from_diffusers``: the ``sample`` arguments that reproduce a diffusers ``DDIMScheduler``.
+"""``from_diffusers``: the arguments that reproduce a diffusers ``DDIMScheduler`` / ``DDIMInverseScheduler``.
 
 fastddim never imports diffusers: this reads the scheduler's config (an object with ``.config``
 or a plain mapping) and rebuilds its betas exactly as diffusers does.
@@ -21,20 +21,65 @@ _DEFAULTS = dict(  # DDIMScheduler's own defaults, for configs that leave keys o
 )
 
 
-def from_diffusers(scheduler: Any) -> dict[str, Any]:
-    """Keyword arguments for ``fastddim.sample`` that reproduce a diffusers ``DDIMScheduler``.
+def from_diffusers(scheduler: Any, *, as_ddim: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``fastddim.sample`` / ``fastddim.invert`` that reproduce a diffusers
+    ``DDIMScheduler`` (for ``sample``) or ``DDIMInverseScheduler`` (for
+    ``invert(..., convention="target")``).
 
     Args:
-        scheduler: a ``DDIMScheduler`` (or anything with a ``.config`` mapping), or its config dict.
+        scheduler: a ``DDIMScheduler`` or ``DDIMInverseScheduler`` (anything with a ``.config``
+            mapping, identified by its class name), or a config mapping (identified by its
+            ``_class_name`` as in a saved ``scheduler_config.json``; a mapping without one must hold
+            only DDIMScheduler options). Any other scheduler is refused: reading its config as DDIM
+            fills DDIMScheduler's defaults for every key it lacks (``clip_sample=True`` among them),
+            a different sampler from the one it names. Ask for that explicitly with
+            ``as_ddim=True`` or ``from_diffusers(DDIMScheduler.from_config(scheduler.config))``.
+        as_ddim: read any scheduler's (or config's) DDIM keys as a ``DDIMScheduler`` would, with
+            DDIMScheduler's defaults for the rest, as ``DDIMScheduler.from_config`` does.
     Returns:
         dict with ``schedule``, ``spacing``, ``steps_offset``, ``set_alpha_to_one``,
         ``prediction_type``, ``clip_sample``, ``clip_sample_range``, ``thresholding``,
         ``dynamic_thresholding_ratio``, ``sample_max_value``. Use as
         ``fastddim.sample(unet, n, steps, **fastddim.from_diffusers(pipe.scheduler))``.
     """
+    if not isinstance(as_ddim, bool):
+        raise TypeError(f"as_ddim must be a bool, got {type(as_ddim).__name__}")
     cfg = getattr(scheduler, "config", scheduler)
     if not isinstance(cfg, Mapping):
-        raise TypeError(f"scheduler must be a diffusers DDIMScheduler or its config dict, got {type(scheduler).__name__}")
+        raise TypeError(
+            f"scheduler must be a diffusers DDIMScheduler / DDIMInverseScheduler or its config dict, "
+            f"got {type(scheduler).__name__}"
+        )
+    if as_ddim:
+        return _ddim_kwargs(cfg)
+    name = _class_name(scheduler, cfg)
+    if name is None:  # a bare mapping: a DDIM config written by hand, unless it holds other options
+        unknown = sorted(k for k in cfg if k not in _DEFAULTS and not str(k).startswith("_"))
+        if unknown:
+            raise ValueError(
+                f"scheduler: config keys {unknown} are not DDIMScheduler options (another scheduler's config?): "
+                f"pass its class as '_class_name', or as_ddim=True to read it as DDIM and ignore them"
+            )
+        return _ddim_kwargs(cfg)
+    if name not in _SAME_METHOD:
+        raise ValueError(
+            f"scheduler: fastddim.from_diffusers reproduces {sorted(_SAME_METHOD)}, not {name}. To run DDIM on "
+            f"its config (its beta schedule, with DDIMScheduler's defaults for every key it lacks, clip_sample=True "
+            f"among them) say so: fastddim.from_diffusers(scheduler, as_ddim=True), or "
+            f"fastddim.from_diffusers(DDIMScheduler.from_config(scheduler.config))"
+        )
+    return _SAME_METHOD[name](cfg)
+
+
+def _class_name(scheduler: Any, cfg: Mapping) -> str | None:
+    """The diffusers class a scheduler or config names: its own class, or a config's _class_name."""
+    if cfg is not scheduler:
+        return type(scheduler).__name__
+    return cfg.get("_class_name")
+
+
+def _ddim_kwargs(cfg: Mapping) -> dict[str, Any]:
+    """The sample/invert keyword arguments from a DDIM config, DDIMScheduler's defaults filled in."""
     c = {**_DEFAULTS, **{k: v for k, v in cfg.items() if k in _DEFAULTS}}
     T, rescale = int(c["num_train_timesteps"]), bool(c["rescale_betas_zero_snr"])
     if c["trained_betas"] is not None:
@@ -63,3 +108,8 @@ def from_diffusers(scheduler: Any) -> dict[str, Any]:
         dynamic_thresholding_ratio=float(c["dynamic_thresholding_ratio"]),
         sample_max_value=float(c["sample_max_value"]),
     )
+
+
+# A diffusers scheduler class -> the maker of the fastddim arguments that compute the same thing.
+# The one place a new method enters (e.g. DPMSolverMultistepScheduler once fastddim has that solver).
+_SAME_METHOD = {"DDIMScheduler": _ddim_kwargs, "DDIMInverseScheduler": _ddim_kwargs}
