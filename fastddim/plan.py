@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .checks import check_eta
+from .checks import check_eta, check_int
 from .schedule import Schedule
 
-__all__ = ["SPACINGS", "PREDICTION_TYPES", "PLAN_KWARGS", "timesteps", "paper_timesteps", "Plan", "make_plan", "COLUMNS"]
+__all__ = [
+    "SPACINGS", "PREDICTION_TYPES", "PLAN_KWARGS", "timesteps", "paper_timesteps", "Plan", "make_plan", "COLUMNS",
+    "SOLVERS", "DPM_SPACINGS", "DPM_PLAN_KWARGS", "DPM_COLUMNS", "make_dpm_plan",
+]
 
 SPACINGS = ("uniform", "quad", "leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -42,14 +44,7 @@ COLUMNS = (
     "sigma",       # noise standard deviation
 )
 
-
-def _round_half_even(q: Fraction) -> int:
-    """numpy's round() on an exact rational: ties go to the even integer."""
-    f = math.floor(q)
-    r = q - f
-    if r > Fraction(1, 2) or (r == Fraction(1, 2) and f % 2 == 1):
-        return f + 1
-    return f
+SOLVERS = ("ddim", "dpm++2m")
 
 
 def timesteps(T: int, S: int, spacing: str | Sequence[int] = "uniform", steps_offset: int = 0) -> list[int]:
@@ -62,9 +57,11 @@ def timesteps(T: int, S: int, spacing: str | Sequence[int] = "uniform", steps_of
         Where the paper code repeats a timestep (large S) the repeat is moved up by one, so the
         plan stays strictly decreasing with S distinct entries; otherwise identical.
       - ``leading``: i * (T // S) + steps_offset (diffusers).
-      - ``trailing``: round(T - i * T / S) - 1 in exact arithmetic (diffusers' float arange gives
-        S + 1 entries ending at -1 for some S; this never does).
-      - ``linspace``: round(i * (T - 1) / (S - 1)) (diffusers), exact arithmetic.
+      - ``trailing``: round(T - i * T / S) - 1 (diffusers), the i-th value of its float64 arange
+        computed as numpy does (so a tie rounds the same way), but exactly S entries: diffusers'
+        arange gives S + 1 ending at -1 for some S (61, 103, ...); this never does.
+      - ``linspace``: round(i * (T - 1) / (S - 1)) (diffusers), numpy's float64 linspace as
+        diffusers calls it: exact arithmetic breaks ties differently at S = 27, 31, 47, ...
       - an explicit sequence of ints: used as given; must be strictly decreasing in [0, T).
     ``steps_offset`` only applies to ``leading``.
     """
@@ -86,9 +83,11 @@ def timesteps(T: int, S: int, spacing: str | Sequence[int] = "uniform", steps_of
             for i in range(1, S):
                 ts[i] = max(ts[i], ts[i - 1] + 1)
         elif spacing == "trailing":
-            ts = [_round_half_even(Fraction(T * (S - i), S)) - 1 for i in range(S)][::-1]
+            # np.arange(T, 0, -T / S) fills start + i * delta, delta = (start + step) - start
+            delta = (T + (-T / S)) - T
+            ts = [round(T + i * delta) - 1 for i in range(S)][::-1]
         else:  # linspace
-            ts = [0] if S == 1 else [_round_half_even(Fraction(i * (T - 1), S - 1)) for i in range(S)]
+            ts = [int(t) for t in np.linspace(0, T - 1, S).round()]
         return ts[::-1]
     # an explicit plan
     if steps_offset:
@@ -171,6 +170,11 @@ class Plan:
         eta: the eta (float) or "sigma_hat".
         prediction_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
         sample_max_value, use_clipped_model_output: how x0 is formed and clipped.
+        solver: ``"ddim"`` (``table`` has COLUMNS) or ``"dpm++2m"`` (``table`` has DPM_COLUMNS).
+        orders: per step, 1 or 2: whether the step reads the previous x0 (DPM-Solver++ second
+            order); all 1 for DDIM.
+        sigmas: DPM-Solver only: the S + 1 float32 sigmas = sqrt((1 - a) / a) the update goes
+            between (the last is the final one, 0 for ``final_sigmas_type="zero"``); empty for DDIM.
     """
 
     timesteps: tuple[int, ...]
@@ -187,10 +191,18 @@ class Plan:
     sample_max_value: float
     use_clipped_model_output: bool
     final_alpha_cumprod: float
+    solver: str = "ddim"
+    orders: tuple[int, ...] = ()
+    sigmas: tuple[float, ...] = ()
 
     @property
     def steps(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The names of ``table``'s columns for this plan's solver."""
+        return DPM_COLUMNS if self.solver == "dpm++2m" else COLUMNS
 
     @property
     def sigma_hat(self) -> bool:
@@ -213,7 +225,33 @@ class Plan:
             "sample_max_value": self.sample_max_value,
             "use_clipped_model_output": self.use_clipped_model_output,
             "final_alpha_cumprod": self.final_alpha_cumprod,
+            "solver": self.solver,
+            "orders": list(self.orders),
+            "sigmas": list(self.sigmas),
         }
+
+
+def _check_x0_options(
+    schedule: Schedule, prediction_type: str, clip_sample_range: float, sample_max_value: float,
+    dynamic_thresholding_ratio: float, steps_offset: int,
+) -> None:
+    """The checks every plan maker shares: how x0 is formed and clipped, and steps_offset."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastddim.Schedule, got {type(schedule).__name__}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if schedule.zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError(
+            "schedule has zero terminal SNR (a_T = 0), where an epsilon prediction cannot give x0 "
+            "(division by sqrt(a_T) = 0): use prediction_type='v_prediction' or 'sample'"
+        )
+    for name, v in (("clip_sample_range", clip_sample_range), ("sample_max_value", sample_max_value)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    if not 0 < dynamic_thresholding_ratio <= 1:
+        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
+    if not isinstance(steps_offset, int) or isinstance(steps_offset, bool) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be a non-negative int, got {steps_offset!r}")
 
 
 def make_plan(
@@ -232,28 +270,14 @@ def make_plan(
     sample_max_value: float = 1.0,
     use_clipped_model_output: bool = False,
 ) -> Plan:
-    """Build the plan: timesteps and the per-step scalar table.
+    """Build the DDIM plan: timesteps and the per-step scalar table (COLUMNS).
 
     The scalars are computed with torch CPU float32 ops on 0-dim tensors in the order diffusers'
     ``DDIMScheduler.step`` uses (FACTS.md section 3), so the torch path is bit-identical to it.
     """
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a fastddim.Schedule, got {type(schedule).__name__}")
     eta = check_eta(eta)
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if schedule.zero_terminal_snr and prediction_type == "epsilon":
-        raise ValueError(
-            "schedule has zero terminal SNR (a_T = 0), where an epsilon prediction cannot give x0 "
-            "(division by sqrt(a_T) = 0): use prediction_type='v_prediction' or 'sample'"
-        )
-    for name, v in (("clip_sample_range", clip_sample_range), ("sample_max_value", sample_max_value)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    if not 0 < dynamic_thresholding_ratio <= 1:
-        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
-    if not isinstance(steps_offset, int) or isinstance(steps_offset, bool) or steps_offset < 0:
-        raise ValueError(f"steps_offset must be a non-negative int, got {steps_offset!r}")
+    _check_x0_options(schedule, prediction_type, clip_sample_range, sample_max_value, dynamic_thresholding_ratio,
+                      steps_offset)
     if spacing is None:
         spacing = "uniform"
     if not isinstance(spacing, str):
@@ -307,4 +331,206 @@ def make_plan(
         sample_max_value=float(sample_max_value),
         use_clipped_model_output=bool(use_clipped_model_output),
         final_alpha_cumprod=float(final),
+        orders=(1,) * len(ts),
+    )
+
+
+# ------------------------------------------------------------------------ DPM-Solver++(2M)
+DPM_SPACINGS = ("linspace", "leading", "trailing")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+# Keyword arguments of make_dpm_plan beyond (schedule, steps, spacing) and the x0 options it
+# shares with make_plan.
+DPM_PLAN_KWARGS = (
+    "steps_offset", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
+    "dynamic_thresholding_ratio", "sample_max_value", "solver_order", "lower_order_final", "final_sigmas_type",
+    "use_karras_sigmas",
+)
+
+# Columns of a DPM-Solver++ plan's table. Step j goes from sigma_s = sigmas[j] to sigma_t =
+# sigmas[j + 1] (alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha, lambda = log alpha -
+# log sigma_t, h = lambda_t - lambda_s). The first two have the DDIM columns' names and roles:
+# x0 comes from the model output with them exactly as in a DDIM step.
+DPM_COLUMNS = (
+    "sqrt_a",      # alpha_s: x0 = (x - sigma_s out) / alpha_s (eps), alpha_s x - sigma_s out (v)
+    "sqrt_1ma",    # sigma_s (the VP sigma, sigma * alpha_s)
+    "c_x",         # sigma_t / sigma_s, coefficient of x_t
+    "c_d0",        # alpha_t * (exp(-h) - 1), coefficient of the current x0 (subtracted; negative)
+    "c_d1",        # 0.5 * c_d0, coefficient of D1 (subtracted); 0 on first-order steps
+    "r_inv",       # 1 / r0, r0 = h_prev / h, D1 = r_inv * (x0 - prev_x0); 0 on first-order steps
+)
+
+# diffusers' DPMSolverMultistepScheduler replaces a zero terminal a_T by this (the smallest
+# positive float16 subnormal) so that the first sigma is finite.
+_ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+def _dpm_timesteps(T: int, S: int, spacing: str | Sequence[int], steps_offset: int) -> list[int]:
+    """DPMSolverMultistepScheduler's timesteps, decreasing. Unlike DDIM's, linspace and leading
+    space S + 1 points and drop the last (t = 0 or steps_offset): the model is never called at the
+    smallest one, the final sigma stands there instead."""
+    if not isinstance(spacing, str):
+        return timesteps(T, S, spacing, steps_offset)
+    if spacing not in DPM_SPACINGS:
+        raise ValueError(f"spacing must be one of {DPM_SPACINGS} or a sequence of ints for solver 'dpm++2m', got {spacing!r}")
+    if spacing == "trailing":
+        return timesteps(T, S, spacing, steps_offset)
+    check_int("steps", S, 1, T - 1)
+    return timesteps(T, S + 1, spacing, steps_offset)[:-1]
+
+
+def _karras_sigmas(sigma_min: float, sigma_max: float, S: int) -> np.ndarray:
+    """Karras et al. (2022) eq. 5, rho = 7, float64 as diffusers' ``_convert_to_karras``. (S,)"""
+    rho = 7.0
+    ramp = np.linspace(0, 1, S)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+    """The fractional timestep of ``sigma``: linear interpolation in log sigma between the two
+    training timesteps around it (diffusers' ``_sigma_to_t``, the same float64 ops).
+    log_sigmas: (T,) float32, increasing."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    low = int(np.clip(np.count_nonzero(log_sigmas <= log_sigma) - 1, 0, len(log_sigmas) - 2))
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _dpm_sigmas(
+    ac: torch.Tensor, S: int, ts: list[int] | None, final_sigmas_type: str
+) -> tuple[list[int], np.ndarray]:
+    """Timesteps and the S + 1 float32 sigmas, as diffusers' ``set_timesteps`` makes them.
+
+    ac: (T,) float32 alphas_cumprod (a zero a_T already replaced). ts: the S timesteps, or None
+    for Karras sigmas, which choose the timesteps: the model is called at round(_sigma_to_t(sigma))
+    while the update uses the Karras sigma itself.
+    """
+    sigmas = np.array(((1 - ac) / ac) ** 0.5)  # (T,) float32, as diffusers
+    if ts is None:
+        log_sigmas = np.log(sigmas)
+        steps = _karras_sigmas(float(sigmas[0]), float(sigmas[-1]), S)
+        ts = [int(round(_sigma_to_t(v, log_sigmas))) for v in steps]
+    else:
+        steps = sigmas[ts].astype(np.float64)
+    last = 0.0 if final_sigmas_type == "zero" else float(((1 - ac[0]) / ac[0]) ** 0.5)
+    return ts, np.concatenate([steps, [last]]).astype(np.float32)
+
+
+def _dpm_point(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha, sigma_t, lambda) of a 0-dim float32 sigma, with diffusers' float32 ops."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    sigma_t = sigma * alpha
+    return alpha, sigma_t, torch.log(alpha) - torch.log(sigma_t)
+
+
+def _dpm_orders(S: int, solver_order: int, lower_order_final: bool, final_sigmas_type: str) -> tuple[int, ...]:
+    """Per step, 1 or 2, as diffusers' ``step`` decides: the first step has no previous x0; the
+    last is first order when it goes to sigma 0 (its update then returns x0) or, with
+    ``lower_order_final``, when S < 15 (second order is unstable over so few steps)."""
+    last_first = final_sigmas_type == "zero" or (lower_order_final and S < 15)
+    return tuple(
+        1 if solver_order == 1 or j == 0 or (j == S - 1 and last_first) else 2 for j in range(S)
+    )
+
+
+def _dpm_row(pts: list, j: int, order: int) -> torch.Tensor:
+    """Row j of the DPM table (DPM_COLUMNS), float32 0-dim ops in diffusers' order."""
+    alpha_s, sigma_s, lam_s = pts[j]
+    alpha_t, sigma_t, lam_t = pts[j + 1]
+    h = lam_t - lam_s
+    c_x = sigma_t / sigma_s
+    c_d0 = alpha_t * (torch.exp(-h) - 1.0)
+    if order == 1:
+        zero = torch.tensor(0.0)
+        return torch.stack([alpha_s, sigma_s, c_x, c_d0, zero, zero])
+    r0 = (lam_s - pts[j - 1][2]) / h
+    return torch.stack([alpha_s, sigma_s, c_x, c_d0, 0.5 * c_d0, 1.0 / r0])
+
+
+def make_dpm_plan(
+    schedule: Schedule,
+    steps: int,
+    *,
+    spacing: str | Sequence[int] | None = None,
+    steps_offset: int = 0,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    solver_order: int = 2,
+    lower_order_final: bool = True,
+    final_sigmas_type: str = "zero",
+    use_karras_sigmas: bool = False,
+) -> Plan:
+    """The DPM-Solver++(2M) plan (Lu et al. 2022), as diffusers' ``DPMSolverMultistepScheduler``
+    with ``algorithm_type="dpmsolver++"``, ``solver_type="midpoint"``.
+
+    Timesteps (where the model is called) and sigmas (where the update goes) are made as its
+    ``set_timesteps`` does, and every per-step scalar (DPM_COLUMNS) with the float32 tensor ops of
+    its ``step``, so ``reference.dpm_solver_sample`` equals its loop bit for bit on the CPU.
+
+    Args:
+        spacing: ``"linspace"`` (None: the default, diffusers' too), ``"leading"``,
+            ``"trailing"`` or explicit timesteps; must stay None with ``use_karras_sigmas``.
+        steps_offset: added to ``leading`` timesteps only.
+        prediction_type, thresholding, dynamic_thresholding_ratio, sample_max_value: as diffusers.
+        clip_sample, clip_sample_range: clamp x0 to +-range before it joins the history (where
+            thresholding acts). Not a diffusers option for this scheduler (it has none): a
+            fastddim one, off by default, for parity with DDIM runs.
+        solver_order: 2, or 1 (first order everywhere: DDIM's update in DPM-Solver's variables).
+        lower_order_final: first order on the last step when S < 15.
+        final_sigmas_type: ``"zero"`` (the last step returns its x0) or ``"sigma_min"`` (stop at
+            the sigma of t = 0).
+        use_karras_sigmas: Karras sigmas (rho = 7) between the schedule's smallest and largest,
+            the model called at the nearest timestep ("DPM++ 2M Karras").
+    """
+    _check_x0_options(schedule, prediction_type, clip_sample_range, sample_max_value, dynamic_thresholding_ratio,
+                      steps_offset)
+    solver_order = check_int("solver_order", solver_order, 1, 2)
+    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
+    T = schedule.T
+    ac = schedule.alphas_cumprod
+    if schedule.zero_terminal_snr:
+        ac = ac.clone()
+        ac[-1] = _ZERO_SNR_ALPHA_CUMPROD
+    if use_karras_sigmas:
+        if spacing is not None or steps_offset:
+            raise ValueError("spacing and steps_offset must be left unset with use_karras_sigmas: its sigmas choose the timesteps")
+        ts, sigmas = _dpm_sigmas(ac, check_int("steps", steps, 1), None, final_sigmas_type)
+        if len(ts) > 1 and ts[0] == ts[1]:
+            # diffusers starts a run whose first timestep repeats at the second occurrence
+            raise ValueError(f"steps={steps}: use_karras_sigmas repeats the first timestep {ts[0]}; use fewer steps")
+    else:
+        ts = _dpm_timesteps(T, steps, "linspace" if spacing is None else spacing, steps_offset)
+        if steps is not None and steps != len(ts):
+            raise ValueError(f"steps={steps} does not match the {len(ts)} explicit timesteps given in spacing")
+        ts, sigmas = _dpm_sigmas(ac, len(ts), ts, final_sigmas_type)
+    S = len(ts)
+    orders = _dpm_orders(S, solver_order, bool(lower_order_final), final_sigmas_type)
+    sig = torch.from_numpy(sigmas)
+    pts = [_dpm_point(sig[k]) for k in range(S + 1)]
+    table = torch.stack([_dpm_row(pts, j, orders[j]) for j in range(S)]).to(torch.float32)
+    return Plan(
+        timesteps=tuple(ts),
+        prev_timesteps=tuple(ts[1:]) + (-1,),
+        table=table,
+        scalars=tuple(tuple(float(v) for v in row) for row in table),
+        noise=(False,) * S,
+        eta=0.0,
+        prediction_type=prediction_type,
+        clip_sample=bool(clip_sample),
+        clip_sample_range=float(clip_sample_range),
+        thresholding=bool(thresholding),
+        dynamic_thresholding_ratio=float(dynamic_thresholding_ratio),
+        sample_max_value=float(sample_max_value),
+        use_clipped_model_output=False,
+        final_alpha_cumprod=float(pts[S][0]) ** 2,
+        solver="dpm++2m",
+        orders=orders,
+        sigmas=tuple(float(v) for v in sigmas),
     )

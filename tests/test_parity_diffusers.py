@@ -104,7 +104,9 @@ def test_bit_exact_grid(b, pred, spacing, S, clip, alpha1, offset, eta):
     assert torch.equal(got, ref), f"max |diff| = {(got - ref).abs().max().item()}"
 
 
-@pytest.mark.parametrize("S", [10, 20, 50, 100, 250, 1000])
+# 27 (linspace) and 48 (trailing): ties that diffusers' float64 linspace / arange round differently
+# from exact arithmetic
+@pytest.mark.parametrize("S", [10, 20, 27, 48, 50, 100, 250, 1000])
 def test_timesteps_match_diffusers_where_right(S):
     for spacing in ("leading", "trailing", "linspace"):
         sched = DDIMScheduler(timestep_spacing=spacing)
