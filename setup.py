@@ -49,7 +49,7 @@ setup(
     version=VERSION,
     description="Fast, exact DDIM sampling (Song, Meng, Ermon, ICLR 2021) for trained diffusion models",
     python_requires=">=3.10",
-    packages=["fastddim", "fastddim.models", "fastddim.kernels"],
+    packages=["fastddim", "fastddim.cli", "fastddim.models", "fastddim.paper", "fastddim.kernels"],
     package_dir={"fastddim.kernels": "kernels"},
     package_data={"fastddim": ["weights/*.safetensors", "weights/*.json"]},
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors", "pillow"],

@@ -1,4 +1,4 @@
-"""``python -m fastddim ...``: the same as the ``fastddim`` command (see fastddim/cli.py)."""
+"""``python -m fastddim ...``: the same as the ``fastddim`` command (see fastddim/cli/)."""
 import sys
 
 from .cli import main

@@ -274,7 +274,8 @@ def generate(
 
     Under ``torch.distributed`` (see ``init_distributed``) each rank makes its shards; call it
     on every rank with the same arguments. Returns the manifest dict on rank 0 (plus
-    ``"this_call": {"images_made", "seconds"}``, not written to disk), None elsewhere.
+    ``"this_call": {"images_made", "seconds"}``, not written to disk, with ``"already_complete":
+    True`` when the folder was complete and nothing was written), None elsewhere.
     Raises ``ConfigMismatch`` (a ValueError) when ``out_dir`` holds another configuration.
     """
     rank, world = _world()
@@ -300,7 +301,7 @@ def generate(
     if folder.complete(old):
         if rank == 0:
             log(f"fastddim: {folder.samples} is already complete ({n} images); nothing to do")
-        return {**old, "this_call": {"images_made": 0, "seconds": 0.0}} if rank == 0 else None
+        return {**old, "this_call": {"images_made": 0, "seconds": 0.0, "already_complete": True}} if rank == 0 else None
     if rank == 0:
         folder.save_manifest(manifest)
 

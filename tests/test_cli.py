@@ -10,6 +10,7 @@ real (tiny) safetensors checkpoint when ``fastddim.train`` is there.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -64,6 +65,31 @@ class Cond(Tiny):
 def cond():
     torch.manual_seed(0)
     return Cond(1, 8, 4)
+
+
+class Declared(Cond):
+    """A Cond that says how many classes it has."""
+
+    num_classes = 4
+
+
+def declared():
+    torch.manual_seed(0)
+    return Declared(1, 8, 4)
+
+
+THREADS_SEEN = []  # torch's intra-op thread count at each call of a probe() model
+
+
+class Probe(Tiny):
+    def forward(self, x, t):
+        THREADS_SEEN.append(torch.get_num_threads())
+        return super().forward(x, t)
+
+
+def probe():
+    torch.manual_seed(0)
+    return Probe(1, 8)
 
 
 not_a_model = 42
@@ -274,8 +300,10 @@ def test_eval_is_registered_directly():
     import inspect
 
     import fastddim.cli as cli_mod
+    from fastddim.cli import evaluate
 
-    assert "importlib" not in inspect.getsource(cli_mod._add_eval) + inspect.getsource(cli_mod.build_parser)
+    assert evaluate in cli_mod.COMMANDS
+    assert "importlib" not in inspect.getsource(evaluate) + inspect.getsource(cli_mod.build_parser)
 
 
 # ---------------------------------------------------------------------------- user errors
@@ -424,6 +452,90 @@ def test_sample_class_labels(cli, tiny, tmp_path):
         assert not np.array_equal(zk["arr_0"][0], za["arr_0"][0])  # the label matters
     assert_one_line_error(cli("sample", "--classes", 3, "--class-label", 1, *model, "-o", a), code=2,
                           contains=["--class"])
+
+
+def test_label_out_of_range_is_one_line_naming_it_subprocess(tiny, tmp_path):
+    """A label the model cannot take: the model's own error (an embedding's IndexError) as one line
+    naming the label; with a count the model declares, refused before any sampling."""
+    out = tmp_path / "x.png"
+    p = run("sample", "-n", 2, "--steps", 2, "--model", f"{tiny}:cond", "--class-label", 12, "-o", out)
+    assert_one_line_error(p, code=1, contains=["--class-label 12", "IndexError"])
+    p = run("sample", "-n", 2, "--steps", 2, "--model", f"{tiny}:declared", "--class-label", 4, "-o", out)
+    assert_one_line_error(p, code=2, contains=["--class-label 4", "4 classes"])
+    assert not out.exists()
+
+
+def test_labels_on_an_unconditional_model_subprocess(tmp_path):
+    p = run("sample", "-n", 2, "--steps", 2, "--class-label", 3, "-o", tmp_path / "x.png")  # the built-in U-Net
+    assert_one_line_error(p, code=2, contains=["--class-label 3", "unconditional"])
+
+
+def test_labels_checked_against_the_declared_count(cli, tiny, tmp_path):
+    out = tmp_path / "run"
+    model = ["--model", f"{tiny}:declared"]
+    assert_one_line_error(cli("generate", "-n", 4, "--steps", 2, "--classes", 5, *model, "--out", out), code=2,
+                          contains=["--classes 5", "4 classes"])
+    assert not any(out.iterdir())  # refused before any work (the folder is made by the output-path check)
+    cli("sample", "-n", 4, "--steps", 2, "--classes", 4, *model, "-o", tmp_path / "ok.npz", check=0)
+    assert_one_line_error(cli("sample", "--classes", 2, "-o", tmp_path / "x.png"), code=2,
+                          contains=["--classes 2", "unconditional"])
+
+
+@pytest.mark.parametrize("num_class_embeds, expected", [(None, False), (7, 7)])
+def test_model_classes_of_a_diffusers_unet(num_class_embeds, expected):
+    diffusers = pytest.importorskip("diffusers")
+    from fastddim.cli.common import model_classes
+
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,),
+                                 down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
+                                 layers_per_block=1, norm_num_groups=4, num_class_embeds=num_class_embeds)
+    assert model_classes(unet) is expected if expected is False else model_classes(unet) == expected
+
+
+# ----------------------------------------------------------------------------------- threads
+def test_every_command_has_threads():
+    from fastddim.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"sample", "invert", "interpolate", "generate", "train", "eval"}
+    for name, p in sub.choices.items():
+        (opt,) = [a for a in p._actions if "--threads" in a.option_strings]
+        assert opt.default is None and "(default 1," in opt.help, name
+
+
+def test_threads_rule(cli, tiny, tmp_path, monkeypatch):
+    """--threads N, else 1 (not torch's all-cores default, nor OMP_NUM_THREADS); restored after."""
+    import torch
+
+    def seen(*args):
+        torch.set_num_threads(3)
+        cli("sample", "-n", 2, "--steps", 2, "--model", f"{tiny}:probe", "-o", tmp_path / "p.npz", *args, check=0)
+        assert torch.get_num_threads() == 3
+        return set(sys.modules["_fastddim_user_model_tiny"].THREADS_SEEN)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # read by torch at start-up only; the CLI's rule ignores it
+    assert seen() == {1}
+    assert seen("--threads", 2) == {2}
+
+
+def test_generate_records_the_threads_rule(cli, tiny, tmp_path):
+    import json
+
+    args = ("generate", "-n", 2, "--steps", 2, "--model", f"{tiny}:gray")
+    cli(*args, "--out", tmp_path / "a", check=0)
+    cli(*args, "--threads", 2, "--out", tmp_path / "b", check=0)
+    assert [json.loads((tmp_path / d / "manifest.json").read_text())["threads"] for d in "ab"] == [1, 2]
+
+
+# ------------------------------------------------------------------------------ re-runs
+def test_rerun_of_a_complete_generate_writes_and_says_nothing_written(cli, tiny, tmp_path):
+    args = ("generate", "-n", 3, "--steps", 2, "--model", f"{tiny}:gray", "--out", tmp_path / "run")
+    first = cli(*args, check=0)
+    assert "wrote" in first.stdout
+    stamp = os.stat(tmp_path / "run" / "samples.npz").st_mtime_ns
+    again = cli(*args, check=0)
+    assert "wrote" not in again.stdout and "already complete" in again.stderr
+    assert os.stat(tmp_path / "run" / "samples.npz").st_mtime_ns == stamp
 
 
 # ----------------------------------------------------------------- a real checkpoint file
