@@ -1,4 +1,5 @@
-"""The pytest commands the README promises, run as typed (collection only: a few seconds each).
+"""What a fresh clone's commands promise: the pytest commands the README names, run as typed
+(collection only: a few seconds each), and a clean `git status` after `make sample`.
 
 ``pytest --benchmark-only`` from the repository root or from benchmarks/ collects the benchmarks
 (pyproject's ``--benchmark-disable`` used to make it a usage error, exit 4); a bare ``pytest``
@@ -39,3 +40,13 @@ def test_bare_pytest_collects_the_unit_tests_only():
     # would show up here if a bare pytest looked in benchmarks/.
     files = {i.split("::")[0] for i in collect("-o", f"python_files={Path(__file__).name}", cwd=ROOT)}
     assert files == {f"tests/{Path(__file__).name}"}, sorted(files)
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_make_sample_output_is_ignored_by_git():
+    """`make sample` writes samples.png in the repository root; the figure in docs/ stays tracked."""
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    assert ignored("samples.png") and not ignored("docs/samples_mnist.png")
+
