@@ -35,7 +35,9 @@ test: $(TEST_STAMP)
 
 # Both benchmark files (bench_ddim_step.py, bench_sample.py); the pytest-benchmark JSON goes to
 # benchmarks/results/<UTC date>-<device>.json (device: the GPU's name, or cpu-<n>cores-<model>).
-# ~15-20 min on a 2-core CPU. BENCH_ARGS adds pytest arguments, e.g. BENCH_ARGS='-k mnist'.
+# The same set as `pytest --benchmark-only`. 5 min 54 s on the project's 2-core CPU at load 1.2-1.7
+# (2026-11-29, benchmarks/RESULTS.md); longer on a busy machine. BENCH_ARGS adds pytest arguments,
+# e.g. BENCH_ARGS='-k mnist'.
 bench: $(TEST_STAMP)
 	mkdir -p benchmarks/results
 	out=benchmarks/results/$$(date -u +%Y%m%d-%H%M)-$$($(PY) benchmarks/conftest.py --device-slug).json; \
