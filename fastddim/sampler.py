@@ -225,15 +225,23 @@ def invert(
         x0: (n, *shape) images in the model's data range.
         steps: S, the number of model calls.
         convention: ``"source"`` (default, the paper's Euler encoder: eps evaluated at the lower,
-            source timestep of each step) or ``"target"`` (diffusers' ``DDIMInverseScheduler`` and
-            null-text inversion: eps at the higher, target timestep).
+            source timestep of each step; no clipping) or ``"target"`` (null-text inversion and
+            diffusers' ``DDIMInverseScheduler``, which it reproduces op for op with
+            ``**fastddim.from_diffusers(inverse_scheduler)``: the model evaluated at the higher,
+            target timestep, its output converted with the source level, x0 clipped when
+            ``clip_sample``/``thresholding`` say so). With ``prediction_type="sample"`` diffusers
+            returns NaN on the first step (it divides by sqrt(1 - a) = 0 at the clean image);
+            fastddim converts that one step's output with the level of its timestep and stays
+            finite (``reference.invert_points``).
         refine: fixed-point iterations per step (default 0: the paper's encoder). Each one calls
             the model once more per step and moves x_t towards the latent from which the S-step
             eta = 0 decoder lands exactly on the previous point, so the round trip error falls
             far below the plain encoder's (``reference.refine_invert_step``). Cost: S * (1 + refine)
             model calls.
-        other arguments: as in ``sample``; clipping options are ignored (the encoder is the ODE).
-            The encoder's own arithmetic is the float32 reference's on every backend.
+        other arguments: as in ``sample``; clipping options apply to ``convention="target"`` only
+            (the paper's encoder is the ODE) and never to ``refine`` iterations. The encoder's own
+            arithmetic is the float32 reference's on every backend (``backend`` only changes how
+            the model is called, e.g. channels_last).
     Returns:
         x_T: (n, *shape) float32 on ``device``.
     """
@@ -251,10 +259,8 @@ def invert(
     )
     if tuple(x0.shape[1:]) != run.shape:
         raise ValueError(f"x0 has shape {tuple(x0.shape)}, expected (n, *{run.shape})")
-    ac = schedule.alphas_cumprod
-    points = reference.invert_points(run.plan, ac, convention)
-    t_dst = list(reversed(run.plan.timesteps))  # point k lands on t_dst[k]; refinement evaluates there
-    t_evals = [t for k, p in enumerate(points) for t in (p[2], *[t_dst[k]] * refine)]  # model calls, in order
+    points = reference.invert_points(run.plan, schedule.alphas_cumprod, convention)
+    t_evals = [t for p in points for t in (p.t_eval, *[p.t_dst] * refine)]  # model calls, in order
     run.flags = FiniteFlags(len(t_evals), run.device, run.check_finite)  # one flag per model call
     t0 = time.perf_counter()
     result = torch.empty((n, *run.shape), dtype=torch.float32, device=run.device)
@@ -263,7 +269,7 @@ def invert(
         with torch.inference_mode():
             for start in range(0, n, run.batch_size):
                 x = x0[start:start + run.batch_size].to(device=run.device, dtype=torch.float32)
-                result[start:start + x.shape[0]] = _invert_batch(run, x, start, points, t_dst, ac, refine, t_evals)
+                result[start:start + x.shape[0]] = _invert_batch(run, x, start, points, refine, t_evals)
                 if bar is not None:
                     bar.update(x.shape[0])
     finally:
@@ -275,8 +281,8 @@ def invert(
     return result
 
 
-def _invert_batch(run: Run, x: torch.Tensor, start: int, points, t_dst, ac, refine: int, t_evals) -> torch.Tensor:
-    """Encode one batch x (B, *shape) fp32 along the run's plan; model calls through the run."""
+def _invert_batch(run: Run, x: torch.Tensor, start: int, points, refine: int, t_evals) -> torch.Tensor:
+    """Encode one batch x (B, *shape) fp32 through the points; model calls through the run."""
     b, calls = x.shape[0], [0]
     kwargs = run.kwargs_for(start, b)
     run.flags.reset()
@@ -287,11 +293,7 @@ def _invert_batch(run: Run, x: torch.Tensor, start: int, points, t_dst, ac, refi
         calls[0] += 1
         return out
 
-    for k, (a_src, a_dst, t_eval) in enumerate(points):
-        t = torch.full((b,), t_eval, dtype=torch.int64, device=run.device)
-        x_dst = reference.ddim_invert_step(x, model_fn(x, t), a_src, a_dst, float(ac[t_eval]), run.plan.prediction_type)
-        x = reference.refine_invert_step(model_fn, x, x_dst, a_src, a_dst, t_dst[k], float(ac[t_dst[k]]),
-                                         run.plan.prediction_type, refine)
+    x = reference.invert_along(model_fn, x, points, run.plan, refine)
     j = run.flags.first_bad()
     if j is not None:
         unit = "step" if refine == 0 else "model call"
