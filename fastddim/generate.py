@@ -250,7 +250,7 @@ def generate(
     shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     backend: str = "auto", model_name: str | None = None, progress: bool | None = None,
     log: Callable[[str], None] | None = None, threads: int = 1, class_label: int | None = None,
-    classes: int | None = None, **plan_kwargs,
+    classes: int | None = None, memory_format: Any = "auto", **plan_kwargs,
 ) -> dict[str, Any] | None:
     """Make ``n`` samples into ``out_dir`` (see the module docstring), resuming what is there.
 
@@ -271,6 +271,10 @@ def generate(
             restored afterwards). Part of the configuration: with the same value in every
             process the bytes do not depend on the number of processes.
         class_label, classes: labels for a conditional model (see the module docstring).
+        memory_format: ``torch.channels_last`` or ``torch.contiguous_format``; ``"auto"`` (default)
+            is the model's layout as given: a job's bytes must not depend on a timing, and the
+            layout probe ``fastddim.sample`` runs could decide differently in another process or
+            on resume (channels_last reorders fp32 sums). Part of the configuration.
 
     Under ``torch.distributed`` (see ``init_distributed``) each rank makes its shards; call it
     on every rank with the same arguments. Returns the manifest dict on rank 0 (plus
@@ -290,7 +294,7 @@ def generate(
     job_labels = class_labels(0, n, class_label=class_label, classes=classes, device=dev)
     run = prepare(model, n, steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size, device=dev,
                   dtype=dtype, backend=backend, model_kwargs=None if job_labels is None else {"class_labels": job_labels},
-                  **plan_kwargs)
+                  memory_format=torch.contiguous_format if memory_format == "auto" else memory_format, **plan_kwargs)
     run.batch_size = batch_size = min(run.batch_size, shard_size)  # a batch never spans two shards
     threads = threads if dev.type == "cpu" else None
     config, manifest = _describe(model, run, spacing=spacing, shard_size=shard_size, model_name=model_name,

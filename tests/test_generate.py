@@ -382,3 +382,27 @@ def test_output_folder_refused_before_the_model(tmp_path):
         p = run_cli("generate", "-n", 2, "--model", "no_such_module_xyz:make", "--out", out)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and "--out" in lines[0] and "afile" in lines[0], p.stderr
+
+
+def test_auto_layout_never_probes(tiny, tmp_path, one_thread, monkeypatch):
+    """A job's bytes must not depend on a timing: generate's "auto" layout is the model as given,
+    where sample() would time both layouts (and another process, or a resume, could decide
+    otherwise). The run is large enough that sample() would probe."""
+    import torch
+
+    import fastddim
+    from fastddim import copies
+
+    def no_probe(*a, **k):
+        raise AssertionError("generate ran the timed layout probe")
+
+    model = load_tiny(tiny)
+    monkeypatch.setattr(copies, "probe_ms", no_probe)
+    with pytest.raises(AssertionError, match="probe"):  # the guard itself: sample() does probe this run
+        fastddim.sample(model, n=64, steps=40, batch_size=8, device="cpu", progress=False)
+    from fastddim.generate import generate
+
+    m = generate(model, 64, 40, str(tmp_path / "run"), batch_size=8, shard_size=64, progress=False)
+    assert m["memory_format"] == "contiguous_format" and m["config"]["memory_format"] == "contiguous_format"
+    m2 = generate(model, 8, 2, str(tmp_path / "cl"), memory_format=torch.channels_last, progress=False)
+    assert m2["memory_format"] == "channels_last"
