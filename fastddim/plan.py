@@ -231,11 +231,12 @@ class Plan:
         }
 
 
-def _check_x0_options(
-    schedule: Schedule, prediction_type: str, clip_sample_range: float, sample_max_value: float,
-    dynamic_thresholding_ratio: float, steps_offset: int,
-) -> None:
-    """The checks every plan maker shares: how x0 is formed and clipped, and steps_offset."""
+def _x0_options(
+    schedule: Schedule, prediction_type: str, clip_sample: bool, clip_sample_range: float, thresholding: bool,
+    dynamic_thresholding_ratio: float, sample_max_value: float, steps_offset: int,
+) -> dict:
+    """The checks every plan maker shares (how x0 is formed and clipped, and steps_offset); returns
+    the x0 fields of its Plan, normalised."""
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastddim.Schedule, got {type(schedule).__name__}")
     if prediction_type not in PREDICTION_TYPES:
@@ -252,6 +253,11 @@ def _check_x0_options(
         raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
     if not isinstance(steps_offset, int) or isinstance(steps_offset, bool) or steps_offset < 0:
         raise ValueError(f"steps_offset must be a non-negative int, got {steps_offset!r}")
+    return dict(
+        prediction_type=prediction_type, clip_sample=bool(clip_sample), clip_sample_range=float(clip_sample_range),
+        thresholding=bool(thresholding), dynamic_thresholding_ratio=float(dynamic_thresholding_ratio),
+        sample_max_value=float(sample_max_value),
+    )
 
 
 def make_plan(
@@ -276,8 +282,8 @@ def make_plan(
     ``DDIMScheduler.step`` uses (FACTS.md section 3), so the torch path is bit-identical to it.
     """
     eta = check_eta(eta)
-    _check_x0_options(schedule, prediction_type, clip_sample_range, sample_max_value, dynamic_thresholding_ratio,
-                      steps_offset)
+    x0_options = _x0_options(schedule, prediction_type, clip_sample, clip_sample_range, thresholding,
+                             dynamic_thresholding_ratio, sample_max_value, steps_offset)
     if spacing is None:
         spacing = "uniform"
     if not isinstance(spacing, str):
@@ -323,12 +329,7 @@ def make_plan(
         scalars=tuple(tuple(float(v) for v in row) for row in table),
         noise=tuple(noise),
         eta=eta,
-        prediction_type=prediction_type,
-        clip_sample=bool(clip_sample),
-        clip_sample_range=float(clip_sample_range),
-        thresholding=bool(thresholding),
-        dynamic_thresholding_ratio=float(dynamic_thresholding_ratio),
-        sample_max_value=float(sample_max_value),
+        **x0_options,
         use_clipped_model_output=bool(use_clipped_model_output),
         final_alpha_cumprod=float(final),
         orders=(1,) * len(ts),
@@ -407,7 +408,7 @@ def _dpm_sigmas(
     for Karras sigmas, which choose the timesteps: the model is called at round(_sigma_to_t(sigma))
     while the update uses the Karras sigma itself.
     """
-    sigmas = np.array(((1 - ac) / ac) ** 0.5)  # (T,) float32, as diffusers
+    sigmas = (((1 - ac) / ac) ** 0.5).numpy()  # (T,) float32, as diffusers
     if ts is None:
         log_sigmas = np.log(sigmas)
         steps = _karras_sigmas(float(sigmas[0]), float(sigmas[-1]), S)
@@ -488,8 +489,8 @@ def make_dpm_plan(
         use_karras_sigmas: Karras sigmas (rho = 7) between the schedule's smallest and largest,
             the model called at the nearest timestep ("DPM++ 2M Karras").
     """
-    _check_x0_options(schedule, prediction_type, clip_sample_range, sample_max_value, dynamic_thresholding_ratio,
-                      steps_offset)
+    x0_options = _x0_options(schedule, prediction_type, clip_sample, clip_sample_range, thresholding,
+                             dynamic_thresholding_ratio, sample_max_value, steps_offset)
     solver_order = check_int("solver_order", solver_order, 1, 2)
     if final_sigmas_type not in FINAL_SIGMAS_TYPES:
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {final_sigmas_type!r}")
@@ -503,7 +504,8 @@ def make_dpm_plan(
             raise ValueError("spacing and steps_offset must be left unset with use_karras_sigmas: its sigmas choose the timesteps")
         ts, sigmas = _dpm_sigmas(ac, check_int("steps", steps, 1), None, final_sigmas_type)
         if len(ts) > 1 and ts[0] == ts[1]:
-            # diffusers starts a run whose first timestep repeats at the second occurrence
+            # diffusers starts a run whose first timestep repeats at the second occurrence and runs
+            # off the end of its sigmas (IndexError): e.g. zero-SNR schedules at S = 50
             raise ValueError(f"steps={steps}: use_karras_sigmas repeats the first timestep {ts[0]}; use fewer steps")
     else:
         ts = _dpm_timesteps(T, steps, "linspace" if spacing is None else spacing, steps_offset)
@@ -522,12 +524,7 @@ def make_dpm_plan(
         scalars=tuple(tuple(float(v) for v in row) for row in table),
         noise=(False,) * S,
         eta=0.0,
-        prediction_type=prediction_type,
-        clip_sample=bool(clip_sample),
-        clip_sample_range=float(clip_sample_range),
-        thresholding=bool(thresholding),
-        dynamic_thresholding_ratio=float(dynamic_thresholding_ratio),
-        sample_max_value=float(sample_max_value),
+        **x0_options,
         use_clipped_model_output=False,
         final_alpha_cumprod=float(pts[S][0]) ** 2,
         solver="dpm++2m",

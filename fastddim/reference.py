@@ -20,22 +20,32 @@ from .noise import normal_like_batch
 from .plan import Plan
 
 __all__ = [
-    "predict_x0_eps", "threshold", "ddim_step", "ddim_sample", "InvertPoint", "invert_points", "ddim_invert_step",
-    "refine_invert_step", "invert_along", "ddim_invert",
+    "predict_x0", "predict_x0_eps", "threshold", "ddim_step", "ddim_sample", "dpm_solver_step", "dpm_solver_sample",
+    "InvertPoint", "invert_points", "ddim_invert_step", "refine_invert_step", "invert_along", "ddim_invert",
 ]
+
+
+def predict_x0(x: torch.Tensor, out: torch.Tensor, sqrt_a: float, sqrt_1ma: float, prediction_type: str) -> torch.Tensor:
+    """x0 from a model output. x, out: (B, *shape) float32. Returns (B, *shape)."""
+    if prediction_type == "epsilon":
+        return (x - sqrt_1ma * out) / sqrt_a
+    if prediction_type == "sample":
+        return out
+    if prediction_type == "v_prediction":
+        return sqrt_a * x - sqrt_1ma * out
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
 def predict_x0_eps(
     x: torch.Tensor, out: torch.Tensor, sqrt_a: float, sqrt_1ma: float, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 and eps from a model output. x, out: (B, *shape) float32. Returns two (B, *shape)."""
+    x0 = predict_x0(x, out, sqrt_a, sqrt_1ma, prediction_type)
     if prediction_type == "epsilon":
-        return (x - sqrt_1ma * out) / sqrt_a, out
+        return x0, out
     if prediction_type == "sample":
-        return out, (x - sqrt_a * out) / sqrt_1ma
-    if prediction_type == "v_prediction":
-        return sqrt_a * x - sqrt_1ma * out, sqrt_a * out + sqrt_1ma * x
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+        return x0, (x - sqrt_a * out) / sqrt_1ma
+    return x0, sqrt_a * out + sqrt_1ma * x
 
 
 def threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -45,6 +55,12 @@ def threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     flat = x0.float().reshape(b, int(np.prod(x0.shape[1:])))
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+def _check_solver(plan: Plan, solver: str) -> None:
+    # the two solvers' tables have the same width: a plan of the other kind would run silently
+    if plan.solver != solver:
+        raise ValueError(f"plan is for solver {plan.solver!r}, not {solver!r}")
 
 
 def _clip(x0: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -69,6 +85,7 @@ def ddim_step(
     Returns:
         (x_prev, x0): the new state and the (clipped) x0 prediction, both (B, *shape) float32.
     """
+    _check_solver(plan, "ddim")
     sqrt_a, sqrt_1ma, c_x0, c_eps, c_xt, sigma = plan.scalars[j]
     out = out.float()
     x0, eps = predict_x0_eps(x, out, sqrt_a, sqrt_1ma, plan.prediction_type)
@@ -103,6 +120,47 @@ def ddim_sample(
         out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device))
         z = normal_like_batch(x, seed, first_index, j + 1) if plan.noise[j] else None
         x, _ = ddim_step(x, out, plan, j, z)
+    return x
+
+
+def dpm_solver_step(
+    x: torch.Tensor, out: torch.Tensor, prev_x0: torch.Tensor | None, plan: Plan, j: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step j of a DPM-Solver++(2M) plan (``plan.make_dpm_plan``): x at sigmas[j] -> sigmas[j + 1].
+
+    Op for op as diffusers' ``DPMSolverMultistepScheduler`` (``dpmsolver++``, ``midpoint``), with
+    the scalars of ``plan.DPM_COLUMNS``:
+        x0 = clip(x0 from out, as a DDIM step forms it with (alpha_s, sigma_s))
+        order 1: x_next = c_x * x - c_d0 * x0
+        order 2: x_next = (c_x * x - c_d0 * x0) - c_d1 * (r_inv * (x0 - prev_x0))
+
+    Args:
+        x: (B, *shape) float32 state at t = plan.timesteps[j].
+        out: (B, *shape) model output at (x, t) (any float dtype; used in float32).
+        prev_x0: (B, *shape) float32 x0 returned by step j - 1; read only on second-order steps.
+    Returns:
+        (x_next, x0): the new state and this step's (clipped) x0, both (B, *shape) float32.
+    """
+    _check_solver(plan, "dpm++2m")
+    alpha_s, sigma_s, c_x, c_d0, c_d1, r_inv = plan.scalars[j]
+    x0 = _clip(predict_x0(x, out.float(), alpha_s, sigma_s, plan.prediction_type), plan)
+    x_next = c_x * x - c_d0 * x0
+    if plan.orders[j] == 2:
+        if prev_x0 is None:
+            raise ValueError(f"step {j} is second order: pass prev_x0, the x0 of step {j - 1}")
+        x_next = x_next - c_d1 * (r_inv * (x0 - prev_x0))
+    return x_next, x0
+
+
+def dpm_solver_sample(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, plan: Plan
+) -> torch.Tensor:
+    """The DPM-Solver++(2M) loop, plainly (deterministic: no noise). model_fn(x, t) -> output
+    tensor with t an int64 (B,) tensor. x_T: (B, *shape) float32. Returns x_0: (B, *shape) float32."""
+    x, x0 = x_T, None
+    for j, t in enumerate(plan.timesteps):
+        out = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device))
+        x, x0 = dpm_solver_step(x, out, x0, plan, j)
     return x
 
 
