@@ -152,6 +152,9 @@ class Step:
             raise ValueError(f"low_dtype must be one of {LOW_DTYPES} or None, got {low_dtype!r}")
         if backend not in ("torch", "triton", "cpp", "cuda"):
             raise RuntimeError(f"backend {backend!r} has no step implementation")
+        if plan.solver == "dpm++2m" and not need_x0:
+            # the step's x0 is the next step's x0_prev: a run that drops it cannot go on
+            raise ValueError("need_x0 must be True for a 'dpm++2m' plan: each step's x0 is the next step's x0_prev")
         self.backend, self.plan, self.need_x0, self.low_dtype = backend, plan, need_x0, low_dtype
         self.device = torch.device(device)
         self.seed, self.first_index = seed, 0
@@ -189,9 +192,17 @@ class Step:
         self._ops.normal_(self.backend, res, self.rng, step)
         return res
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor, j: int, first_index: int | None = None):
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, j: int, first_index: int | None = None,
+                 x0_prev: torch.Tensor | None = None):
+        """Step j: x (B, *shape) fp32 and out (B, *shape) -> (x_next, x0[, x_low]).
+
+        x0_prev: (B, *shape) fp32, the x0 the previous step returned; read by a 'dpm++2m' plan's
+        second-order steps (``plan.orders[j] == 2``), ignored otherwise.
+        """
         if first_index is not None:
             self.set_rng(self.seed, first_index)
+        if self.plan.solver == "dpm++2m":
+            return self._dpm(x, out, j, x0_prev)
         if self.backend == "torch":
             return self._reference(x, out, j)
         if out.dtype not in (torch.float32, *LOW_DTYPES):
@@ -208,6 +219,15 @@ class Step:
         )
         x0 = x0 if self.need_x0 else None
         return (prev, x0) if self.low_dtype is None else (prev, x0, low)
+
+    def _dpm(self, x: torch.Tensor, out: torch.Tensor, j: int, x0_prev: torch.Tensor | None):
+        second = self.plan.orders[j] == 2
+        if second and x0_prev is None:
+            raise ValueError(f"step {j} of the 'dpm++2m' plan is second order: pass x0_prev, the x0 step {j - 1} returned")
+        if self.backend != "torch":
+            raise NotImplementedError(f"dpm++2m on {self.backend}: in progress")
+        prev, x0 = reference.dpm_solver_step(x, out, x0_prev if second else None, self.plan, j)
+        return (prev, x0) if self.low_dtype is None else (prev, x0, prev.to(self.low_dtype))
 
     def _reference(self, x: torch.Tensor, out: torch.Tensor, j: int):
         z = normal_like_batch(x, self.seed, self.first_index, j + 1) if self.plan.noise[j] else None
