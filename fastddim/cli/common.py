@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from ..checks import check_device, check_eta, check_float, check_int, check_seed
 from ..paths import output_file, output_folder
-from ..plan import SPACINGS
+from ..plan import DPM_SPACINGS, SOLVERS, SPACINGS
 from ..pretrained import load_model
 
 PROG = "fastddim"
@@ -90,16 +90,21 @@ def add_progress(p: argparse.ArgumentParser) -> None:
 
 
 def add_common(p: argparse.ArgumentParser, *, steps_default: int = 10, latents: bool = False,
-               threads_note: str = "") -> None:
+               threads_note: str = "", solver: bool = False) -> None:
     """The options every sampling command has. ``latents``: --steps and --spacing default to what
-    a --latents file records (None here, resolved by the command); ``threads_note`` ends --threads' help."""
+    a --latents file records (None here, resolved by the command); ``threads_note`` ends --threads' help.
+    ``solver``: --solver and --karras too, and --spacing defaults to the solver's (``solver_kwargs``)."""
     also = ", or what --latents records" if latents else ""
+    if solver:
+        add_solver(p)
+        also += " with --solver ddim; linspace with dpm++2m, as diffusers"
     p.add_argument("--model", metavar="NAME|PATH|MODULE:ATTR", default=None,
                    help="packaged model name (default: mnist), a checkpoint from 'fastddim train', "
                         "or module:attr / file.py:attr naming a model or a factory")
     p.add_argument("--steps", "-S", type=positive_int, default=None if latents else steps_default,
-                   help=f"number of DDIM steps S = model calls per image (default {steps_default}{also})")
-    p.add_argument("--spacing", choices=SPACINGS, default=None if latents else "uniform",
+                   help=f"number of steps S = model calls per image (default {steps_default}"
+                        f"{', or what --latents records' if latents else ''})")
+    p.add_argument("--spacing", choices=SPACINGS, default=None if latents or solver else "uniform",
                    help=f"which timesteps the S steps visit (default uniform{also}; the paper's CIFAR-10 numbers "
                         "use quad)")
     p.add_argument("--batch-size", "-b", type=positive_int, default=None,
@@ -111,6 +116,40 @@ def add_common(p: argparse.ArgumentParser, *, steps_default: int = 10, latents: 
                    help="step implementation: auto, torch, triton, cpp, cuda (default auto; see fastddim.info())")
     add_threads(p, threads_note)
     add_progress(p)
+
+
+def add_solver(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", choices=SOLVERS, default="ddim",
+                   help="ddim (default) or dpm++2m: DPM-Solver++(2M), better images per model call at few "
+                        "steps (deterministic: --eta must stay 0; spacings linspace, leading, trailing)")
+    p.add_argument("--karras", action="store_true",
+                   help="with --solver dpm++2m: Karras sigmas ('DPM++ 2M Karras'); they choose the timesteps, "
+                        "so leave --spacing out")
+
+
+def solver_kwargs(args) -> dict:
+    """The sampling keyword arguments of --solver / --karras / --spacing, checked before any work:
+    ``solver``, ``spacing`` (--spacing, else the solver's default: uniform for DDIM, None for
+    DPM-Solver++, which the plan makes linspace as diffusers does) and ``use_karras_sigmas``."""
+    from ..engine import check_solver
+
+    try:
+        check_solver(args.solver, getattr(args, "eta", 0.0))
+    except ValueError as e:
+        raise CliError(f"--eta: {e}", 2) from None
+    kw: dict = {"solver": args.solver, "spacing": args.spacing}
+    if args.solver == "ddim":
+        if args.karras:
+            raise CliError("--karras: Karras sigmas are a DPM-Solver++ option; add --solver dpm++2m", 2)
+        kw["spacing"] = args.spacing or "uniform"
+    elif args.spacing is not None and args.spacing not in DPM_SPACINGS:
+        raise CliError(f"--spacing {args.spacing}: --solver {args.solver} takes {', '.join(DPM_SPACINGS)}", 2)
+    elif args.karras:
+        if args.spacing is not None:
+            raise CliError(f"--spacing {args.spacing}: with --karras the Karras sigmas choose the timesteps; "
+                           "leave --spacing out", 2)
+        kw["use_karras_sigmas"] = True
+    return kw
 
 
 def add_labels(p: argparse.ArgumentParser) -> None:
@@ -147,8 +186,9 @@ def model_classes(model) -> int | None | bool:
     None when it does not say.
 
     Read from diffusers' ``config.num_class_embeds`` (with ``class_embed_type`` None and no
-    ``num_class_embeds`` a diffusers model is unconditional), a ``num_classes`` attribute, or a
-    ``forward`` / ``__call__`` that accepts no ``class_labels`` keyword (e.g. the built-in U-Net).
+    ``num_class_embeds`` a diffusers model is unconditional), a ``num_classes`` attribute (the
+    built-in U-Net's; 0: unconditional), or a ``forward`` / ``__call__`` that accepts no
+    ``class_labels`` keyword.
     """
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_class_embeds"):
@@ -158,7 +198,7 @@ def model_classes(model) -> int | None | bool:
             return False
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and not isinstance(n, bool):
-        return n
+        return n or False  # num_classes = 0: unconditional (the built-in U-Net's convention)
     try:
         params = inspect.signature(getattr(model, "forward", model)).parameters.values()
     except (TypeError, ValueError):  # a builtin or C callable: nothing to read

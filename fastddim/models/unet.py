@@ -16,6 +16,11 @@ float) timesteps to (B, C, H, W). It carries ``sample_shape`` (C, H, W) and ``sc
 training ``Schedule``), which is all ``fastddim.sample`` needs. With ``head="v"`` the network
 body predicts v and ``forward`` turns it into eps with an exact skip from x_t (see
 ``UNetConfig.head``); callers see eps either way.
+
+With ``num_classes = K > 0`` the model is class-conditional (ADM style, Dhariwal & Nichol 2021):
+a learned class embedding is added to the time embedding, ``emb = temb + class_emb(y)``, with
+K + 1 rows: labels 0..K-1 and the "null" label K (``model.null_class_label``) that classifier-free
+training substitutes for dropped labels and guided sampling passes as the unconditional half.
 """
 from __future__ import annotations
 
@@ -56,11 +61,16 @@ class UNetConfig:
     #          x_t through its GroupNorms to the ~0.1% needed at large t, where x0 = (x_t -
     #          sqrt(1 - a_t) eps) / sqrt(a_t) multiplies its error by up to 1/sqrt(a_t) ~ 150.
     head: str = "eps"
+    # 0: unconditional (no class embedding: the weights of unconditional models are unchanged).
+    # K > 0: class-conditional on labels 0..K-1, plus the null label K (see the module docstring).
+    num_classes: int = 0
 
     def __post_init__(self):
         # JSON gives lists; keep tuples so configs hash and compare equal after a round trip.
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {self.num_classes!r}")
         if self.head not in ("eps", "v"):
             raise ValueError(f"head must be 'eps' or 'v', got {self.head!r}")
         if self.resolution % (2 ** (len(self.ch_mult) - 1)):
@@ -102,6 +112,8 @@ PRESETS: dict[str, UNetConfig] = {
         attn_resolutions=(8,), dropout=0.0, resolution=32, groups=8, head="v",
     ),
 }
+# The MNIST model conditioned on the digit (10 classes and the null label 10), for guidance.
+PRESETS["mnist-cond"] = dataclasses.replace(PRESETS["mnist"], num_classes=10)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -179,12 +191,17 @@ class UNet(nn.Module):
     """DDPM eps-prediction U-Net.
 
     Args:
-        config: a :class:`UNetConfig` or a preset name (``"cifar10"``, ``"mnist"``).
+        config: a :class:`UNetConfig` or a preset name (``"cifar10"``, ``"mnist"``, ``"mnist-cond"``).
         schedule: the training schedule; defaults to ``Schedule.linear()`` (T=1000).
 
-    Call: ``model(x, t)`` with x (B, in_channels, resolution, resolution) float and t (B,)
-    int64 or float timesteps (a 0-dim t is broadcast over the batch). Returns eps, shape
+    Call: ``model(x, t, class_labels=None)`` with x (B, in_channels, resolution, resolution) float
+    and t (B,) int64 or float timesteps (a 0-dim t is broadcast over the batch); class_labels (B,)
+    or () integer labels of a class-conditional model (None: the null label). Returns eps, shape
     (B, out_channels, resolution, resolution), dtype of x.
+
+    Attributes: ``num_classes`` (0: unconditional) and ``null_class_label`` (``num_classes``, or
+    None for an unconditional model), what the CLI checks labels against and fills the
+    unconditional half of guided sampling with.
     """
 
     def __init__(self, config: UNetConfig | str = "cifar10", schedule: Schedule | None = None):
@@ -203,6 +220,10 @@ class UNet(nn.Module):
         ch, g = cfg.ch, cfg.groups
         self.temb_ch = temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.num_classes = cfg.num_classes
+        self.null_class_label = cfg.num_classes if cfg.num_classes else None
+        if cfg.num_classes:  # one more row: the null label
+            self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         # Down path: remember every output's channel count, the up path consumes them as skips.
@@ -248,14 +269,19 @@ class UNet(nn.Module):
             h = b(h, temb) if isinstance(b, ResBlock) else b(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) or () timesteps in [0, T) (a float t is truncated to an
-        index for the 'v' head's coefficients). Returns eps (B, C_out, H, W)."""
+        index for the 'v' head's coefficients); class_labels: (B,) or () integer labels in
+        [0, num_classes] of a conditional model (None: the null label). Returns eps (B, C_out, H, W)."""
         if not torch.is_tensor(t):
             t = torch.tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.temb(timestep_embedding(t.to(x.device), self.config.ch).to(x.dtype))
+        if self.num_classes:
+            temb = temb + self.class_emb(self._labels(class_labels, x)).to(x.dtype)
+        elif class_labels is not None:
+            raise ValueError("class_labels: this U-Net is unconditional (num_classes = 0)")
 
         hs = [self.conv_in(x)]
         for blocks in self.down:
@@ -270,6 +296,23 @@ class UNet(nn.Module):
             c = self._skip_coef[t.to(self._skip_coef.device).long()].to(x.dtype)  # (B, 2)
             out = c[:, 0, None, None, None] * x + c[:, 1, None, None, None] * out
         return out
+
+    def _labels(self, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """(B,) int64 labels on x's device; None is the null label. Shape and dtype are checked here;
+        the range is not (that would sync with the device): the embedding refuses an index outside
+        [0, num_classes]."""
+        if class_labels is None:
+            return torch.full((x.shape[0],), self.null_class_label, dtype=torch.int64, device=x.device)
+        if not torch.is_tensor(class_labels):
+            raise TypeError(f"class_labels must be an integer tensor, got {type(class_labels).__name__}")
+        if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be an integer tensor, got {class_labels.dtype}")
+        if class_labels.ndim == 0:
+            class_labels = class_labels.expand(x.shape[0])
+        if class_labels.shape != (x.shape[0],):
+            raise ValueError(f"class_labels must have shape ({x.shape[0]},) (one label per image) or (), "
+                             f"got {tuple(class_labels.shape)}")
+        return class_labels.to(device=x.device, dtype=torch.int64)
 
     def extra_repr(self) -> str:
         return f"config={self.config}, schedule={self.schedule}"
