@@ -31,8 +31,9 @@ __all__ = ["pretrained", "load_model", "load_checkpoint", "Checkpoint", "KNOWN",
 
 FORMAT = "fastddim-checkpoint-1"
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-# name -> file in fastddim/weights/
-KNOWN = {"mnist": "mnist.safetensors"}
+# name -> file in fastddim/weights/. "mnist-cond" (the "mnist-cond" U-Net preset, for guidance) has
+# no weights file yet: docs/training.md gives the command that trains it.
+KNOWN = {"mnist": "mnist.safetensors", "mnist-cond": "mnist-cond.safetensors"}
 
 # Schedules a checkpoint may name; rebuilt from (kind, T) and checked against the stored hash.
 _SCHEDULE_KINDS = {"linear": Schedule.linear, "scaled_linear": Schedule.scaled_linear, "cosine": Schedule.cosine}
@@ -120,8 +121,10 @@ def pretrained(name: str | os.PathLike = "mnist", device: str | torch.device | N
     """A trained eps-prediction U-Net, in eval mode, ready for ``fastddim.sample``.
 
     Args:
-        name: a packaged model (``"mnist"``: 1x32x32 digits, linear schedule, T=1000) or the
-            path of a checkpoint written by ``fastddim.train.train`` (its EMA weights are used).
+        name: a packaged model (``"mnist"``: 1x32x32 digits, linear schedule, T=1000;
+            ``"mnist-cond"``: the same conditioned on the digit, ``model(x, t, class_labels=y)`` with
+            ``model.null_class_label`` the unconditional label) or the path of a checkpoint written
+            by ``fastddim.train.train`` (its EMA weights are used).
         device: where to put the model (default CPU).
 
     Returns:
@@ -131,6 +134,10 @@ def pretrained(name: str | os.PathLike = "mnist", device: str | torch.device | N
     name_s = os.fspath(name)
     if name_s in KNOWN:
         path = _WEIGHTS_DIR / KNOWN[name_s]
+        if not path.is_file():
+            raise ValueError(f"packaged model {name_s!r} has no weights in this installation ({path} is missing): "
+                             f"train it with 'fastddim train --model {name_s}' (docs/training.md) and pass the "
+                             "checkpoint's path")
     elif os.sep in name_s or name_s.endswith(".safetensors") or os.path.exists(name_s):
         path = Path(name_s)
     else:
