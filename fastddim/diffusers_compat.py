@@ -1,4 +1,5 @@
-"""``from_diffusers``: the arguments that reproduce a diffusers ``DDIMScheduler`` / ``DDIMInverseScheduler``.
+"""``from_diffusers``: the arguments that reproduce a diffusers ``DDIMScheduler`` / ``DDIMInverseScheduler``
+/ ``DPMSolverMultistepScheduler`` (fastddim/diffusers_dpm.py).
 
 fastddim never imports diffusers: this reads the scheduler's config (an object with ``.config``
 or a plain mapping) and rebuilds its betas exactly as diffusers does.
@@ -9,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .diffusers_dpm import dpm_kwargs
 from .schedule import Schedule
 
 __all__ = ["from_diffusers"]
@@ -23,11 +25,13 @@ _DEFAULTS = dict(  # DDIMScheduler's own defaults, for configs that leave keys o
 
 def from_diffusers(scheduler: Any, *, as_ddim: bool = False) -> dict[str, Any]:
     """Keyword arguments for ``fastddim.sample`` / ``fastddim.invert`` that reproduce a diffusers
-    ``DDIMScheduler`` (for ``sample``) or ``DDIMInverseScheduler`` (for
-    ``invert(..., convention="target")``).
+    ``DDIMScheduler`` (for ``sample``), ``DDIMInverseScheduler`` (for
+    ``invert(..., convention="target")``) or ``DPMSolverMultistepScheduler`` (for ``sample``:
+    ``solver="dpm++2m"`` and its options, ``diffusers_dpm.dpm_kwargs``; a setting fastddim does
+    not reproduce is refused, naming it).
 
     Args:
-        scheduler: a ``DDIMScheduler`` or ``DDIMInverseScheduler`` (anything with a ``.config``
+        scheduler: a ``DDIMScheduler``, ``DDIMInverseScheduler`` or ``DPMSolverMultistepScheduler`` (anything with a ``.config``
             mapping, identified by its class name), or a config mapping (identified by its
             ``_class_name`` as in a saved ``scheduler_config.json``; a mapping without one must hold
             only DDIMScheduler options). Any other scheduler is refused: reading its config as DDIM
@@ -39,7 +43,9 @@ def from_diffusers(scheduler: Any, *, as_ddim: bool = False) -> dict[str, Any]:
     Returns:
         dict with ``schedule``, ``spacing``, ``steps_offset``, ``set_alpha_to_one``,
         ``prediction_type``, ``clip_sample``, ``clip_sample_range``, ``thresholding``,
-        ``dynamic_thresholding_ratio``, ``sample_max_value``. Use as
+        ``dynamic_thresholding_ratio``, ``sample_max_value`` (for DPM-Solver++: ``solver``,
+        ``schedule``, ``spacing``, ``steps_offset``, the x0 options, ``solver_order``,
+        ``lower_order_final``, ``final_sigmas_type``, ``use_karras_sigmas``). Use as
         ``fastddim.sample(unet, n, steps, **fastddim.from_diffusers(pipe.scheduler))``.
     """
     if not isinstance(as_ddim, bool):
@@ -111,5 +117,6 @@ def _ddim_kwargs(cfg: Mapping) -> dict[str, Any]:
 
 
 # A diffusers scheduler class -> the maker of the fastddim arguments that compute the same thing.
-# The one place a new method enters (e.g. DPMSolverMultistepScheduler once fastddim has that solver).
-_SAME_METHOD = {"DDIMScheduler": _ddim_kwargs, "DDIMInverseScheduler": _ddim_kwargs}
+# The one place a new method enters.
+_SAME_METHOD = {"DDIMScheduler": _ddim_kwargs, "DDIMInverseScheduler": _ddim_kwargs,
+                "DPMSolverMultistepScheduler": dpm_kwargs}

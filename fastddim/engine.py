@@ -30,11 +30,12 @@ from . import copies
 from .checks import check_device, check_dtype, check_int, check_seed
 from .dispatch import Step, make_step, resolve_backend
 from .kwargs import pad, split_model_kwargs
-from .plan import PLAN_KWARGS, Plan, make_plan
+from .plan import DPM_PLAN_KWARGS, PLAN_KWARGS, SOLVERS, Plan, make_dpm_plan, make_plan
 from .profiling import nvtx_range
 from .schedule import Schedule
 
-__all__ = ["prepare", "Run", "FiniteFlags", "model_output", "default_batch_size", "clear_cache", "COMPILE_MODES"]
+__all__ = ["prepare", "Run", "FiniteFlags", "model_output", "default_batch_size", "clear_cache", "COMPILE_MODES",
+           "check_solver", "step_needs_x0"]
 
 # torch.compile modes; the ones that make CUDA graphs of their own are refused on CUDA, where
 # fastddim's capture of the whole trajectory owns the graphs (nesting them breaks both).
@@ -281,10 +282,11 @@ class Run:
             self.step.set_rng(self.seed, first_index)
         b, low = x.shape[0], self.dtype != torch.float32
         x_in = x.to(self.dtype) if low else x
+        x0 = None  # DPM-Solver++(2M): each step's x0 is the next one's x0_prev (DDIM ignores it)
         for j, t in enumerate(self.plan.timesteps):
             with nvtx_range(self.step_names[j], self.device):
                 out = self.call_model(x_in, self.t_dev[j].expand(b), kwargs, j, t)
-                res = self.step(x, out, j, None)
+                res = self.step(x, out, j, None, x0)
             x, x0 = res[0], res[1]
             x_in = res[2] if low else x
             if callback is not None:
@@ -382,14 +384,15 @@ _PLANS: "weakref.WeakKeyDictionary[Schedule, OrderedDict]" = weakref.WeakKeyDict
 PLANS_PER_SCHEDULE = 32
 
 
-def plan_for(schedule: Schedule, steps: int, eta, spacing, plan_kwargs: dict) -> Plan:
-    """``make_plan``, cached per schedule: at n = 1 the plan was half the cost of a 20-step call."""
+def plan_for(schedule: Schedule, steps: int, eta, spacing, plan_kwargs: dict, solver: str = "ddim") -> Plan:
+    """``make_plan`` (or ``make_dpm_plan`` for solver "dpm++2m"), cached per schedule: at n = 1 the
+    plan was half the cost of a 20-step call."""
     spacing_key = spacing if spacing is None or isinstance(spacing, str) else repr(list(spacing))
-    key = (steps, repr(eta), spacing_key, repr(sorted(plan_kwargs.items())), schedule.alphas_cumprod._version)
+    key = (solver, steps, repr(eta), spacing_key, repr(sorted(plan_kwargs.items())), schedule.alphas_cumprod._version)
     plans = _PLANS.setdefault(schedule, OrderedDict())
     plan = plans.get(key)
     if plan is None:
-        plan = plans[key] = make_plan(schedule, steps, eta=eta, spacing=spacing, **check_plan_kwargs(plan_kwargs))
+        plan = plans[key] = _make_plan(schedule, steps, eta, spacing, check_plan_kwargs(plan_kwargs, solver), solver)
         if len(plans) > PLANS_PER_SCHEDULE:
             plans.popitem(last=False)
     else:
@@ -397,11 +400,37 @@ def plan_for(schedule: Schedule, steps: int, eta, spacing, plan_kwargs: dict) ->
     return plan
 
 
-def check_plan_kwargs(kwargs: dict) -> dict:
-    unknown = set(kwargs) - set(PLAN_KWARGS)
+def _make_plan(schedule: Schedule, steps: int, eta, spacing, plan_kwargs: dict, solver: str) -> Plan:
+    if solver == "ddim":
+        return make_plan(schedule, steps, eta=eta, spacing=spacing, **plan_kwargs)
+    return make_dpm_plan(schedule, steps, spacing=spacing, **plan_kwargs)
+
+
+def check_solver(solver, eta=0.0) -> str:
+    """``solver`` is one of SOLVERS; eta (DDIM's noise) must be 0 for the deterministic DPM solver."""
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver != "ddim" and not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta == 0):
+        raise ValueError(f"eta={eta!r}: eta is a DDIM option; solver={solver!r} is deterministic (leave eta at 0)")
+    return solver
+
+
+def check_plan_kwargs(kwargs: dict, solver: str = "ddim") -> dict:
+    """The plan options ``solver``'s plan maker takes; another solver's option is named as such."""
+    own, other = (PLAN_KWARGS, DPM_PLAN_KWARGS) if solver == "ddim" else (DPM_PLAN_KWARGS, PLAN_KWARGS)
+    foreign = sorted((set(kwargs) - set(own)) & set(other))
+    if foreign:
+        whose = "a DPM-Solver++ option (solver='dpm++2m')" if solver == "ddim" else "a DDIM option"
+        raise ValueError(f"{', '.join(foreign)}: not an option of solver={solver!r}: {whose}")
+    unknown = set(kwargs) - set(own)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     return kwargs
+
+
+def step_needs_x0(plan: Plan, need_x0: bool = False) -> bool:
+    """Whether the step writes x0: asked for (a callback), or the solver reads it back (DPM-Solver++)."""
+    return need_x0 or plan.solver != "ddim"
 
 
 def prepare(
@@ -425,6 +454,7 @@ def prepare(
     learned_variance: bool = False,
     check_finite: bool = True,
     need_x0: bool = False,
+    solver: str = "ddim",
     pad: bool | None = None,
     x_like: torch.Tensor | None = None,
     plan: Plan | None = None,
@@ -436,7 +466,9 @@ def prepare(
     a callback). ``pad``: pad a partial last batch to ``batch_size`` rows (default: when the
     model is compiled, so every call has one shape). ``x_like``: a tensor whose shape/device
     fill in ``shape``/``device`` when the model does not say. ``plan``: use this plan as is
-    (``steps``, ``eta``, ``spacing`` and plan options are then ignored).
+    (``steps``, ``eta``, ``spacing``, ``solver`` and plan options are then ignored).
+    ``solver``: ``"ddim"`` or ``"dpm++2m"`` (DPM-Solver++(2M), ``plan.make_dpm_plan``'s options in
+    ``plan_kwargs``; eta must stay 0).
     """
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -451,15 +483,16 @@ def prepare(
     if plan is None:
         schedule = resolve_schedule(model, schedule)
         check_int("steps", steps, 1)
+        solver = check_solver(solver, eta)
         with nvtx_range("fastddim.plan", dev):
-            plan = plan_for(schedule, steps, eta, spacing, plan_kwargs)
+            plan = plan_for(schedule, steps, eta, spacing, plan_kwargs, solver)
     batch_size = default_batch_size(dev, n, shape) if batch_size is None else min(check_int("batch_size", batch_size, 1), n)
     shared, per_sample = split_model_kwargs(model_kwargs, n, dev, dtype)
     backend_name = resolve_backend(backend, dev)
     mode = _check_compile(compile, dev)
     copies.check_memory_format(memory_format)
     low = dtype if dtype != torch.float32 else None
-    step = make_step(backend_name, plan, seed, need_x0=need_x0, device=dev, low_dtype=low)
+    step = make_step(backend_name, plan, seed, need_x0=step_needs_x0(plan, need_x0), device=dev, low_dtype=low)
     calls = plan.steps * math.ceil(n / batch_size)
     probe = lambda: _probe_inputs(batch_size, shape, dtype, dev, plan.timesteps[0], shared, per_sample)  # noqa: E731
     layout = copies.choose_layout(memory_format, model, shape, backend_name, dtype, batch_size, calls, dev, probe)

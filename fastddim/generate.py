@@ -174,7 +174,7 @@ def _describe(model, run: Run, *, spacing, shard_size: int, model_name: str | No
     }
     manifest = {
         "model": model_name, "model_sha256": digest, "schedule": schedule.to_dict(), "steps": plan.steps,
-        "timesteps": list(plan.timesteps), "eta": plan.eta,
+        "timesteps": list(plan.timesteps), "eta": plan.eta, "solver": plan.solver,
         "spacing": spacing if isinstance(spacing, str) or spacing is None else list(spacing),
         "seed": seed, "n": n, "shard_size": shard_size, "num_shards": math.ceil(n / shard_size),
         "shape": list(shape), "image_layout": "NHWC uint8, round((x + 1) * 127.5) clamped to [0, 255]",
@@ -245,8 +245,8 @@ def _meet(world: int, made: int, seconds: float, bar: Progress, dev: torch.devic
 
 
 def generate(
-    model: Callable, n: int, steps: int, out_dir: str, *, eta: float | str = 0.0,
-    spacing: str | Sequence[int] | None = "uniform", seed: int = 0, batch_size: int | None = None,
+    model: Callable, n: int, steps: int, out_dir: str, *, eta: float | str = 0.0, solver: str = "ddim",
+    spacing: str | Sequence[int] | None = None, seed: int = 0, batch_size: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     backend: str = "auto", model_name: str | None = None, progress: bool | None = None,
     log: Callable[[str], None] | None = None, threads: int = 1, class_label: int | None = None,
@@ -257,7 +257,11 @@ def generate(
     Args:
         model: as for ``fastddim.sample`` (with ``schedule`` and ``sample_shape`` attributes),
             already on ``device``; images are taken to lie in [-1, 1].
-        n, steps, eta, spacing, seed, dtype, backend, plan_kwargs: as for ``fastddim.sample``.
+        n, steps, eta, seed, dtype, backend, plan_kwargs: as for ``fastddim.sample``.
+        solver: ``"ddim"`` or ``"dpm++2m"``, as for ``fastddim.sample`` (part of the configuration,
+            with the plan it makes).
+        spacing: as for ``fastddim.sample``; None is the solver's default (``"uniform"`` for DDIM,
+            recorded as such; diffusers' ``"linspace"`` for DPM-Solver++).
         out_dir: the output folder (created with its parents if needed).
         batch_size: samples per model call (default: ``fastddim.sample``'s, flat in n); capped at
             the shard size. Not part of the configuration.
@@ -289,12 +293,15 @@ def generate(
     out_dir = output_folder(out_dir, "out_dir")
     labels = _label_spec(class_label, classes)
     dev = _run_device(model, device)
+    if spacing is None and solver == "ddim":
+        spacing = "uniform"  # what None runs, named as runs made before solver= existed record it
     # One prepared run for the whole job (not one per shard): checks, plan, backend, the model as
     # called and the step's static buffers, made once; the labels of all n images, sliced per batch.
     job_labels = class_labels(0, n, class_label=class_label, classes=classes, device=dev)
     run = prepare(model, n, steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size, device=dev,
                   dtype=dtype, backend=backend, model_kwargs=None if job_labels is None else {"class_labels": job_labels},
-                  memory_format=torch.contiguous_format if memory_format == "auto" else memory_format, **plan_kwargs)
+                  memory_format=torch.contiguous_format if memory_format == "auto" else memory_format, solver=solver,
+                  **plan_kwargs)
     run.batch_size = batch_size = min(run.batch_size, shard_size)  # a batch never spans two shards
     threads = threads if dev.type == "cpu" else None
     config, manifest = _describe(model, run, spacing=spacing, shard_size=shard_size, model_name=model_name,

@@ -8,6 +8,7 @@ reads the addresses baked in at capture, FACTS.md section 6):
     x_in (B, *shape) fp32         the batch's x_T: seeded noise drawn by the backend's kernel, or a copy
     the step's rng (2,) int64     (seed bits, first_index), written with fill_ before each replay
     the step's table (S, k)       the plan's scalars
+    (DPM-Solver++: each step's x0, the next step's x0_prev, is made and read inside the graph)
     model_kwargs tensors          copied in per batch (per-sample rows, padded to B)
     the finiteness flags (S,)     read once per batch after the replay
 The output lives in the graph's memory pool and is cloned out before the next replay. A partial
@@ -51,6 +52,7 @@ from typing import Any, Callable
 import torch
 
 from .dispatch import Step
+from .engine import step_needs_x0
 from .profiling import nvtx_range
 
 __all__ = ["captured", "clear_cache", "CaptureError", "MAX_GRAPHS", "MAX_GRAPH_BYTES", "MEMORY_FRACTION"]
@@ -130,7 +132,8 @@ class _Graph:
     def __init__(self, run):
         B = run.batch_size
         low = run.dtype if run.dtype != torch.float32 else None
-        step = Step(run.backend, run.plan, run.seed, need_x0=False, device=run.device, low_dtype=low)
+        # x0 only where the solver reads it back (DPM-Solver++: made and consumed inside the graph)
+        step = Step(run.backend, run.plan, run.seed, need_x0=step_needs_x0(run.plan), device=run.device, low_dtype=low)
         # A run of our own: its step, flags and timestep tensor are this graph's static buffers.
         self.run = dataclasses.replace(run, step=step)
         self.device = run.device

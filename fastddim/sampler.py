@@ -51,7 +51,7 @@ def _record(kind: str, run: Run, n: int, seconds: float, **extra) -> None:
     _LAST_RUN.update(
         kind=kind, backend=run.backend, device=str(run.device), timesteps=list(run.plan.timesteps), n=n,
         batch_size=run.batch_size, dtype=str(run.dtype).removeprefix("torch."), compile=run.compile_mode,
-        compile_seconds=run.compile_seconds, capture_seconds=run.capture_seconds, memory_format=str(run.memory_format).removeprefix("torch."),
+        solver=run.plan.solver, compile_seconds=run.compile_seconds, capture_seconds=run.capture_seconds, memory_format=str(run.memory_format).removeprefix("torch."),
         seconds=seconds, copy_bytes=run.copy_bytes, **run.layout.info(),
     )
     _LAST_RUN.update(extra)
@@ -104,9 +104,10 @@ def sample(
     memory_format: Any = "auto",
     graph: bool | str = "auto",
     learned_variance: bool = False,
+    solver: str = "ddim",
     **plan_kwargs,
 ) -> torch.Tensor:
-    """Draw ``n`` samples with DDIM in ``steps`` model calls each.
+    """Draw ``n`` samples with DDIM (or DPM-Solver++(2M)) in ``steps`` model calls each.
 
     Args:
         model: ``model(x_t, t, **model_kwargs)`` with x_t (B, *shape) in ``dtype`` and t an int64
@@ -164,11 +165,21 @@ def sample(
         learned_variance: the model returns 2C channels (eps and a learned variance, as
             guided-diffusion's ``learn_sigma`` or diffusers' ``variance_type="learned_range"``):
             use the first C (DDIM does not use the variance).
-        **plan_kwargs: ``steps_offset``, ``set_alpha_to_one``, ``prediction_type`` ("epsilon",
-            "sample", "v_prediction"), ``clip_sample``, ``clip_sample_range``, ``thresholding``,
-            ``dynamic_thresholding_ratio``, ``sample_max_value``, ``use_clipped_model_output``.
-            ``fastddim.from_diffusers(scheduler)`` returns these (and ``schedule``) for a diffusers
-            ``DDIMScheduler``.
+        solver: ``"ddim"`` (default) or ``"dpm++2m"``: DPM-Solver++(2M) (Lu et al. 2022), the
+            DDIM update with x0 extrapolated from the last two x0 predictions, as diffusers'
+            ``DPMSolverMultistepScheduler`` (``backend="torch"`` equals it bit for bit on the CPU);
+            first order on the first step and, with few steps or a zero final sigma, the last.
+            Deterministic: ``eta`` must stay 0. Its spacings are ``"linspace"`` (default, as
+            diffusers'), ``"leading"``, ``"trailing"`` or explicit timesteps; its plan options are
+            ``plan.make_dpm_plan``'s (below). Not for ``invert``.
+        **plan_kwargs: ``steps_offset``, ``prediction_type`` ("epsilon", "sample",
+            "v_prediction"), ``clip_sample``, ``clip_sample_range``, ``thresholding``,
+            ``dynamic_thresholding_ratio``, ``sample_max_value``; DDIM only: ``set_alpha_to_one``,
+            ``use_clipped_model_output``; ``solver="dpm++2m"`` only: ``use_karras_sigmas`` ("DPM++ 2M
+            Karras"), ``solver_order`` (2, or 1), ``lower_order_final``, ``final_sigmas_type``
+            ("zero" or "sigma_min"). An option of the other solver is refused, naming it.
+            ``fastddim.from_diffusers(scheduler)`` returns these (and ``schedule``, ``solver``) for a
+            diffusers ``DDIMScheduler`` or ``DPMSolverMultistepScheduler``.
 
     Returns:
         (n, *shape) float32 tensor on ``device``.
@@ -184,7 +195,7 @@ def sample(
         model, n, steps, eta=eta, schedule=schedule, spacing=spacing, shape=shape, seed=seed, first_index=first_index,
         batch_size=batch_size, device=device, dtype=dtype, model_kwargs=model_kwargs, backend=backend, compile=compile,
         memory_format=memory_format, learned_variance=learned_variance, check_finite=check_finite,
-        need_x0=callback is not None, x_like=x_T, **plan_kwargs,
+        need_x0=callback is not None, x_like=x_T, solver=solver, **plan_kwargs,
     )
     use_graph = _use_graph(graph, run, callback)
     t0 = time.perf_counter()
@@ -214,6 +225,7 @@ def invert(
     compile: bool | str = False,
     memory_format: Any = "auto",
     learned_variance: bool = False,
+    solver: str = "ddim",
     **plan_kwargs,
 ) -> torch.Tensor:
     """Encode images to latents with the deterministic DDIM ODE run forward (paper sec. 5.4).
@@ -242,6 +254,7 @@ def invert(
             (the paper's encoder is the ODE) and never to ``refine`` iterations. The encoder's own
             arithmetic is the float32 reference's on every backend (``backend`` only changes how
             the model is called, e.g. channels_last).
+        solver: ``"ddim"`` only: DPM-Solver++ inversion is not built (refused before any work).
     Returns:
         x_T: (n, *shape) float32 on ``device``.
     """
@@ -250,6 +263,9 @@ def invert(
     if convention not in ("source", "target"):
         raise ValueError(f"convention must be 'source' or 'target', got {convention!r}")
     refine = check_int("refine", refine, 0)
+    if solver != "ddim":
+        raise ValueError(f"solver={solver!r}: invert runs the DDIM ODE only (DPM-Solver++ inversion is not built); "
+                         "decode its latents with solver='ddim'")
     n = x0.shape[0]
     schedule = resolve_schedule(model, schedule)
     run = prepare(

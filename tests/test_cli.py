@@ -272,6 +272,30 @@ def test_invert_then_decode_and_interpolate(cli, tiny, tmp_path):
         np.testing.assert_array_equal(e["arr_0"][-1], b["arr_0"][0])
 
 
+def test_solver_on_sample_generate_interpolate(cli, tiny, tmp_path):
+    """--solver dpm++2m (and --karras) reach the library: the images are fastddim.sample's with them."""
+    import fastddim
+    from fastddim.cli import load_model
+
+    model = load_model(f"{tiny}:rgb", "cpu")
+    want = fastddim.sample(model, 3, 4, solver="dpm++2m", use_karras_sigmas=True, progress=False)
+    p = cli("sample", "-n", 3, "--steps", 4, "--solver", "dpm++2m", "--karras", "--model", f"{tiny}:rgb",
+            "-o", tmp_path / "s.npz", check=0)
+    assert "dpm++2m" in p.stdout
+    assert fastddim.info()["last_run"]["solver"] == "dpm++2m"
+    from fastddim.images import to_uint8
+
+    with np.load(tmp_path / "s.npz") as z:
+        np.testing.assert_array_equal(z["arr_0"], to_uint8(want))
+    cli("generate", "-n", 3, "--steps", 4, "--solver", "dpm++2m", "--karras", "--model", f"{tiny}:rgb",
+        "--out", tmp_path / "g", check=0)
+    with np.load(tmp_path / "g" / "samples.npz") as g, np.load(tmp_path / "s.npz") as z:
+        np.testing.assert_array_equal(g["arr_0"], z["arr_0"])
+    cli("interpolate", "--num", 2, "--steps", 4, "--solver", "dpm++2m", "--model", f"{tiny}:rgb",
+        "-o", tmp_path / "i.npz", check=0)
+    assert fastddim.info()["last_run"]["solver"] == "dpm++2m"
+
+
 def test_invert_png_input(cli, tiny, tmp_path):
     d = tmp_path / "pngs"
     cli("sample", "-n", 2, "--steps", 2, "--model", f"{tiny}:gray", "-o", f"{d}/", check=0)
@@ -341,6 +365,14 @@ def test_eval_is_registered_directly():
         (["train", "--ema-decay", "2", "--steps", "1"], 2, ["--ema-decay"]),
         (["train", "--resume", "--overwrite"], 2, ["--overwrite"]),
         (["generate", "-n", "4", "--out", "x", "--threads", "0"], 2, ["--threads"]),
+        (["sample", "--solver", "dpm", "MODEL"], 2, ["--solver"]),
+        (["sample", "--solver", "dpm++2m", "--eta", "1", "MODEL"], 2, ["--eta", "eta is a DDIM option"]),
+        (["sample", "--karras", "MODEL"], 2, ["--karras", "--solver dpm++2m"]),
+        (["sample", "--solver", "dpm++2m", "--spacing", "quad", "MODEL"], 2, ["--spacing quad", "linspace"]),
+        (["sample", "--solver", "dpm++2m", "--karras", "--spacing", "trailing", "MODEL"], 2, ["--spacing trailing"]),
+        (["sample", "--solver", "dpm++2m", "--latents", "nope.npz", "MODEL"], 2, ["--solver", "DDIM ODE"]),
+        (["generate", "-n", "4", "--out", "x", "--solver", "dpm++2m", "--eta", "0.5", "MODEL"], 2, ["--eta"]),
+        (["interpolate", "--karras", "MODEL"], 2, ["--karras"]),
     ],
 )
 def test_bad_input_is_one_line(cli, tiny, tmp_path, args, code, contains):

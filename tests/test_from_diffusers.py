@@ -1,5 +1,5 @@
-"""``from_diffusers``: DDIM and DDIM-inverse schedulers (or configs) accepted, any other class
-refused unless DDIM is asked for explicitly (``as_ddim=True``)."""
+"""``from_diffusers``: DDIM, DDIM-inverse and DPM-Solver++ multistep schedulers (or configs) accepted,
+any other class refused unless DDIM is asked for explicitly (``as_ddim=True``)."""
 import pytest
 import torch
 
@@ -10,7 +10,9 @@ from diffusers import (  # noqa: E402
 
 import fastddim  # noqa: E402
 
-OTHERS = [DPMSolverMultistepScheduler, EulerDiscreteScheduler, DDPMScheduler]
+OTHERS = [EulerDiscreteScheduler, DDPMScheduler]
+# Other classes, whose bare config (no _class_name) must not be read as DDIM's
+NOT_DDIM = [DPMSolverMultistepScheduler, *OTHERS]
 KW = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
           timestep_spacing="trailing")
 
@@ -47,7 +49,7 @@ def test_other_schedulers_are_refused_naming_the_class(cls):
         assert "as_ddim=True" in str(e.value) and "DDIMScheduler.from_config" in str(e.value)
 
 
-@pytest.mark.parametrize("cls", OTHERS)
+@pytest.mark.parametrize("cls", NOT_DDIM)
 def test_other_schedulers_bare_config_is_refused_naming_the_keys(cls):
     """A config without _class_name holding another scheduler's options is not silently DDIM."""
     cfg = dict(cls(**KW).config)
@@ -66,7 +68,7 @@ def test_subclass_of_ddim_is_refused():
     assert same(fastddim.from_diffusers(MyDDIM(), as_ddim=True), fastddim.from_diffusers(DDIMScheduler()))
 
 
-@pytest.mark.parametrize("cls", OTHERS)
+@pytest.mark.parametrize("cls", NOT_DDIM)
 def test_as_ddim_reads_the_config_as_ddim_from_config_does(cls):
     s = cls(**KW)
     want = fastddim.from_diffusers(DDIMScheduler.from_config(s.config))
@@ -75,6 +77,17 @@ def test_as_ddim_reads_the_config_as_ddim_from_config_does(cls):
         assert same(got, want)
     assert torch.equal(want["schedule"].alphas_cumprod, s.alphas_cumprod)
     assert want["clip_sample"] is True  # DDIMScheduler's default, filled in: why it must be asked for
+
+
+def test_dpm_solver_scheduler_maps_to_the_dpm_solver():
+    """The one-line wiring: the class (or its saved config) gives solver='dpm++2m' and its options."""
+    s = DPMSolverMultistepScheduler(use_karras_sigmas=True, prediction_type="v_prediction")
+    for source in (s, {**s.config, "_class_name": "DPMSolverMultistepScheduler"}):
+        args = fastddim.from_diffusers(source)
+        assert (args["solver"], args["use_karras_sigmas"], args["prediction_type"]) == ("dpm++2m", True, "v_prediction")
+        assert torch.equal(args["schedule"].alphas_cumprod, s.alphas_cumprod)
+    with pytest.raises(ValueError, match="solver_type='heun'"):
+        fastddim.from_diffusers(DPMSolverMultistepScheduler(solver_type="heun"))
 
 
 def test_bad_arguments():

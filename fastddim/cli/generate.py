@@ -19,6 +19,7 @@ def add(sub) -> None:
                "  fastddim generate --n 50000 --steps 10 --out run/\n"
                "  torchrun --nproc_per_node=8 -m fastddim generate -n 50000 --steps 10 --out run/\n"
                "  fastddim generate --n 50000 --steps 100 --spacing quad --model ckpt.safetensors --out q100/\n"
+               "  fastddim generate --n 50000 --steps 10 --solver dpm++2m --out dpm10/\n"
                "  fastddim generate -n 10000 --model my.py:cond --classes 10 --out cond/   # 1,000 per class\n\n"
                "The result is byte-identical for any number of processes, batch size and interruptions\n"
                "on one device type (on the CPU each process runs --threads torch threads, default 1).\n"
@@ -34,7 +35,7 @@ def add(sub) -> None:
                    help=f"images per shard file (default {DEFAULT_SHARD_SIZE}); part of the configuration")
     c.add_labels(p)
     c.add_common(p, threads_note="; per process, and part of the configuration, so the bytes do not depend "
-                                 "on the number of processes")
+                                 "on the number of processes", solver=True)
     p.set_defaults(func=run)
 
 
@@ -42,6 +43,7 @@ def run(args) -> int:
     from ..generate import StoppedForTest, generate, init_distributed
 
     output_folder(args.out, "--out")
+    how = c.solver_kwargs(args)
     try:
         rank, world, dev = init_distributed(args.device)
     except ValueError as e:
@@ -50,7 +52,7 @@ def run(args) -> int:
     try:
         with c.model_errors_name_labels(args):
             m = generate(
-                model, args.n, args.steps, args.out, eta=args.eta, spacing=args.spacing, seed=args.seed,
+                model, args.n, args.steps, args.out, eta=args.eta, seed=args.seed, **how,
                 batch_size=args.batch_size, shard_size=args.shard_size, device=dev,
                 dtype=c.dtype(args.dtype), backend=backend, model_name=args.model or "mnist",
                 progress=args.progress, threads=c.threads(args), class_label=args.class_label,

@@ -9,12 +9,13 @@ from . import common as c
 def add(sub) -> None:
     p = sub.add_parser(
         "sample", help="draw images and write a PNG grid, an .npz or a folder of PNGs", formatter_class=c.FMT,
-        description="Draw n images with DDIM from the model and write them.",
+        description="Draw n images with DDIM (or DPM-Solver++(2M), --solver dpm++2m) from the model and write them.",
         epilog="examples:\n"
                "  fastddim sample -n 64 --steps 10 -o samples.png          # 8x8 grid\n"
                "  fastddim sample -n 1000 --steps 50 --eta 1 -o out.npz     # arr_0: uint8 (n, H, W, C)\n"
                "  fastddim sample -n 16 -o pngs/                            # 000000.png ... 000015.png\n"
                "  fastddim sample --model ckpt.safetensors --spacing quad -o q.png\n"
+               "  fastddim sample -n 64 --steps 10 --solver dpm++2m -o dpm.png   # DPM-Solver++(2M)\n"
                "  fastddim sample --latents latents.npz -o recon.png   # decode 'fastddim invert' output\n"
                "  fastddim sample --model my.py:cond --classes 10 -n 100 -o grid.png   # image i: label i % 10\n\n"
                "Image i depends only on (seed, i): -n, --batch-size and --first-index do not change it.\n"
@@ -30,7 +31,7 @@ def add(sub) -> None:
                         "the file records unless given")
     p.add_argument("--nrow", type=c.positive_int, default=None, help="images per grid row (default ceil(sqrt(n)))")
     c.add_labels(p)
-    c.add_common(p, latents=True)
+    c.add_common(p, latents=True, solver=True)
     p.set_defaults(func=run)
 
 
@@ -41,9 +42,13 @@ def run(args) -> int:
     from ..images import save_images, to_uint8
 
     c.image_output(args.output)
-    x_T, steps, spacing = None, args.steps or 10, args.spacing or "uniform"
+    how = c.solver_kwargs(args)
+    x_T, steps = None, args.steps or 10
     if args.latents is not None:
-        x_T, steps, spacing = load_latents(args.latents, args.steps, args.spacing)
+        if args.solver != "ddim":
+            raise c.CliError(f"--solver {args.solver}: --latents were inverted with the DDIM ODE and decode with it; "
+                             "leave --solver out", 2)
+        x_T, steps, how["spacing"] = load_latents(args.latents, args.steps, args.spacing)
         if args.n is not None and args.n != x_T.shape[0]:
             raise c.CliError(f"-n {args.n} does not match the {x_T.shape[0]} latents in {args.latents}", 2)
     n = x_T.shape[0] if x_T is not None else args.n or 64
@@ -51,12 +56,12 @@ def run(args) -> int:
     with c.model_errors_name_labels(args):
         x, seconds = c.timed(dev, lambda: sample_range(
             model, args.first_index, args.first_index + n, args.batch_size, class_label=args.class_label,
-            classes=args.classes, x_T=x_T, steps=steps, eta=args.eta, spacing=spacing, seed=args.seed, device=dev,
-            dtype=c.dtype(args.dtype), progress=args.progress, backend=backend,
+            classes=args.classes, x_T=x_T, steps=steps, eta=args.eta, seed=args.seed, device=dev,
+            dtype=c.dtype(args.dtype), progress=args.progress, backend=backend, **how,
         ))
     what = save_images(args.output, to_uint8(x), nrow=args.nrow, first_index=args.first_index)
     ran = fastddim.info()["last_run"].get("backend", backend)
-    print(f"{n} images in {seconds:.2f} s: {c.fmt_rate(n, seconds)} ({ran} backend, {dev}, S={steps})")
+    print(f"{n} images in {seconds:.2f} s: {c.fmt_rate(n, seconds)} ({ran} backend, {dev}, {args.solver}, S={steps})")
     print(f"wrote {what}")
     return 0
 
