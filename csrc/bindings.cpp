@@ -30,10 +30,30 @@ void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "ddim_step: ", name, " must be contiguous");
 }
 
+// The solver code's own arguments: DPM-Solver++ writes x0 (the next step's x0_prev), takes none
+// of DDIM's options, and its second order reads x0_prev (x's shape, float32, fresh outputs).
+void check_solver(const at::Tensor& x, const at::Tensor& x_prev, const c10::optional<at::Tensor>& x0,
+                  const c10::optional<at::Tensor>& x0_prev, int64_t solver, bool clipped_eps, bool sigma_hat,
+                  bool noise) {
+  TORCH_CHECK(kSolverDdim <= solver && solver <= kSolverDpm2,
+              "ddim_step: solver must be 0 (ddim), 1 (dpm first order) or 2 (dpm second order), got ", solver);
+  if (solver == kSolverDdim) return;
+  TORCH_CHECK(x0.has_value(), "ddim_step: solver=", solver, " (dpm) writes x0: pass x0");
+  TORCH_CHECK(!clipped_eps && !sigma_hat && !noise,
+              "ddim_step: clipped_eps, sigma_hat and noise are DDIM options: must be false with solver=", solver);
+  if (solver != kSolverDpm2) return;
+  TORCH_CHECK(x0_prev.has_value(), "ddim_step: solver=2 (dpm second order) needs x0_prev");
+  check_like(*x0_prev, x, "x0_prev");
+  TORCH_CHECK(x0_prev->scalar_type() == at::kFloat, "ddim_step: x0_prev must be float32, got ", x0_prev->scalar_type());
+  TORCH_CHECK(x0_prev->data_ptr() != x_prev.data_ptr() && x0_prev->data_ptr() != x0->data_ptr(),
+              "ddim_step: x_prev and x0 must not alias x0_prev");
+}
+
 void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, int64_t j,
                const at::Tensor& rng, const at::Tensor& x_prev, const c10::optional<at::Tensor>& x0,
                const c10::optional<at::Tensor>& x_low, const c10::optional<at::Tensor>& s, int64_t pred,
-               int64_t clip, double clip_range, bool clipped_eps, bool sigma_hat, bool noise) {
+               int64_t clip, double clip_range, bool clipped_eps, bool sigma_hat, bool noise,
+               const c10::optional<at::Tensor>& x0_prev, int64_t solver) {
   TORCH_CHECK(x.dim() >= 1, "ddim_step: x must be (B, *shape)");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "ddim_step: x must be contiguous float32");
   check_like(out, x, "out");
@@ -60,6 +80,7 @@ void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& tab
     TORCH_CHECK(x_low->scalar_type() == at::kBFloat16 || x_low->scalar_type() == at::kHalf,
                 "ddim_step: x_low must be bfloat16 or float16");
   }
+  check_solver(x, x_prev, x0, x0_prev, solver, clipped_eps, sigma_hat, noise);
   if (clip == kClipThreshold) {
     TORCH_CHECK(s.has_value(), "ddim_step: clip=2 (threshold) needs s");
     TORCH_CHECK(s->device() == x.device() && s->scalar_type() == at::kFloat && s->dim() == 1 &&
@@ -76,12 +97,14 @@ void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& tab
   a.s = clip == kClipThreshold ? s->data_ptr<float>() : nullptr;
   a.prev = x_prev.data_ptr<float>();
   a.x0 = x0 ? x0->data_ptr<float>() : nullptr;
+  a.x0_prev = solver == kSolverDpm2 ? x0_prev->data_ptr<float>() : nullptr;
   a.low = x_low ? x_low->data_ptr() : nullptr;
   a.low_dtype = x_low ? dtype_code(*x_low) : kNone;
   a.batch = x.size(0);
   a.numel = a.batch ? x.numel() / a.batch : 0;
   a.pred = static_cast<int>(pred);
   a.clip = static_cast<int>(clip);
+  a.solver = static_cast<int>(solver);
   a.clip_range = static_cast<float>(clip_range);
   a.clipped_eps = clipped_eps;
   a.sigma_hat = sigma_hat;
@@ -138,17 +161,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.attr("cuda") = py::bool_(FASTDDIM_CUDA_BUILT);
   m.def("ddim_step", &fastddim::ddim_step,
-        "Fused DDIM step j into x_prev (and x0, x_low when given), in place, on x's device.\n\n"
+        "Fused step j (DDIM, or DPM-Solver++ by solver) into x_prev (and x0, x_low when given), in place, on x's device.\n\n"
         "x, x_prev, x0: (B, *shape) contiguous float32; out: (B, *shape) float32/bfloat16/float16 model\n"
         "output; table: the plan's (S, 6) float32 table; rng: int64 (2,) = (seed bits, first_index);\n"
         "x_low: bfloat16/float16 copy of x_prev; s: (B,) float32 thresholds when clip=2.\n"
         "pred: 0 epsilon, 1 sample, 2 v_prediction; clip: 0 none, 1 +-clip_range, 2 threshold by s;\n"
         "clipped_eps: eps from the clipped x0; sigma_hat: posterior-mean update; noise: add sigma * z\n"
-        "with z = fastddim.noise.normal(seed, first_index, B, j + 1, shape).",
+        "with z = fastddim.noise.normal(seed, first_index, B, j + 1, shape).\n"
+        "solver: 0 DDIM; 1, 2 DPM-Solver++(2M) first/second order with a DPM plan's table (no noise,\n"
+        "x0 required: the next step's x0_prev); x0_prev: (B, *shape) float32, read by solver 2.",
         py::arg("x"), py::arg("out"), py::arg("table"), py::arg("j"), py::arg("rng"), py::arg("x_prev"),
         py::arg("x0") = py::none(), py::arg("x_low") = py::none(), py::arg("s") = py::none(),
         py::arg("pred") = 0, py::arg("clip") = 0, py::arg("clip_range") = 1.0, py::arg("clipped_eps") = false,
-        py::arg("sigma_hat") = false, py::arg("noise") = false);
+        py::arg("sigma_hat") = false, py::arg("noise") = false, py::arg("x0_prev") = py::none(),
+        py::arg("solver") = 0);
   m.def("normal_", &fastddim::normal_,
         "Fill res (n, *shape) contiguous float32, in place, with fastddim.noise.normal(seed, first_index,\n"
         "n, step, shape), on res's device. rng: int64 (2,) = (seed bits, first_index) on res's device,\n"

@@ -1,7 +1,8 @@
-// The fused DDIM step shared by the CPU and CUDA kernels: argument block and per-element math.
-// The math rounds in the order of fastddim/reference.py's ddim_step (one rounding per torch op);
-// built with -ffp-contract=off (CPU) and --fmad=false (CUDA) it matches it to the bit except the
-// noise's libm ulps.
+// The fused step shared by the CPU and CUDA kernels: argument block and per-element math, for
+// DDIM and for DPM-Solver++(2M) (the solver code: one op, one kernel per backend with a switch).
+// The math rounds in the order of fastddim/reference.py's ddim_step / dpm_solver_step (one
+// rounding per torch op); built with -ffp-contract=off (CPU) and --fmad=false (CUDA) it matches
+// it to the bit except the noise's libm ulps.
 #pragma once
 #include <cstdint>
 
@@ -12,8 +13,11 @@ namespace fastddim {
 enum Pred : int { kEpsilon = 0, kSample = 1, kVPrediction = 2 };
 enum Clip : int { kClipNone = 0, kClipRange = 1, kClipThreshold = 2 };
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNone = -1 };
+// As fastddim/_ops.py's SOLVER_*: DDIM, DPM-Solver++ first order, second order (reads x0_prev).
+enum Solver : int { kSolverDdim = 0, kSolverDpm1 = 1, kSolverDpm2 = 2 };
 
-// Pointers are on the kernel's device. table is the plan's (S, 6) table (fastddim.plan.COLUMNS);
+// Pointers are on the kernel's device. table is the plan's (S, 6) table (fastddim.plan.COLUMNS,
+// or DPM_COLUMNS for the DPM solver codes);
 // rng = (seed bits, first_index) as int64, read in the kernel so a CUDA graph replays with new ones.
 struct StepArgs {
   const float* x;
@@ -24,11 +28,12 @@ struct StepArgs {
   const int64_t* rng;
   const float* s;  // (B,) dynamic-thresholding scales when clip == kClipThreshold
   float* prev;
-  float* x0;       // nullptr: not written
+  float* x0;       // nullptr: not written (always written by the DPM solver codes)
+  const float* x0_prev;  // the previous step's x0, read by kSolverDpm2 only (else nullptr)
   void* low;       // nullptr: not written
   int low_dtype;
   int64_t batch, numel;  // numel per sample
-  int pred, clip;
+  int pred, clip, solver;
   float clip_range;
   bool clipped_eps, sigma_hat, noise;
 };
@@ -36,6 +41,13 @@ struct StepArgs {
 struct Coefs {
   float sqrt_a, sqrt_1ma, c_x0, c_eps, c_xt, sigma;
 };
+
+// The same six table columns under DPM_COLUMNS' names (a DPM plan's row j).
+struct DpmCoefs {
+  float sqrt_a, sqrt_1ma, c_x, c_d0, c_d1, r_inv;
+};
+
+FASTDDIM_HD DpmCoefs dpm_coefs(const Coefs& c) { return {c.sqrt_a, c.sqrt_1ma, c.c_x0, c.c_eps, c.c_xt, c.sigma}; }
 
 // How x0 is clipped and which update is used, resolved per sample so the element math has no
 // branches (the CPU loop vectorises, GPU warps do not diverge): x0 = clamp(x0, lo, hi) / div with
@@ -56,28 +68,45 @@ FASTDDIM_HD Mode sample_mode(const StepArgs& a, int64_t b) {
   return {-inf, inf, 1.0f, a.clipped_eps, a.sigma_hat};
 }
 
+// The x0 prediction from the model output (reference.predict_x0), before clipping.
+template <int PRED>
+FASTDDIM_HD float predict_x0(float x, float o, float sqrt_a, float sqrt_1ma) {
+  if (PRED == kEpsilon) return (x - sqrt_1ma * o) / sqrt_a;
+  if (PRED == kSample) return o;
+  return sqrt_a * x - sqrt_1ma * o;
+}
+
+// Written with comparisons so a NaN passes through, as torch.clamp does.
+FASTDDIM_HD float clip_x0(float x0, const Mode& m) { return (x0 < m.lo ? m.lo : (x0 > m.hi ? m.hi : x0)) / m.div; }
+
 // x_{t-1} without the noise term; x0 gets the clipped x0 prediction. Every candidate is computed
 // and selected, so the loop has no control flow; each expression rounds as its torch op does.
 template <int PRED>
 FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, const Mode& m, float& x0) {
   float eps;
   if (PRED == kEpsilon) {
-    x0 = (x - c.sqrt_1ma * o) / c.sqrt_a;
     eps = o;
   } else if (PRED == kSample) {
-    x0 = o;
     eps = (x - c.sqrt_a * o) / c.sqrt_1ma;
   } else {
-    x0 = c.sqrt_a * x - c.sqrt_1ma * o;
     eps = c.sqrt_a * o + c.sqrt_1ma * x;
   }
-  // Written with comparisons so a NaN passes through, as torch.clamp does.
-  x0 = (x0 < m.lo ? m.lo : (x0 > m.hi ? m.hi : x0)) / m.div;
+  x0 = clip_x0(predict_x0<PRED>(x, o, c.sqrt_a, c.sqrt_1ma), m);
   const float eps_clipped = (x - c.sqrt_a * x0) / c.sqrt_1ma;
   eps = m.clipped_eps ? eps_clipped : eps;
   const float ddim = c.c_x0 * x0 + c.c_eps * eps;
   const float posterior = c.c_x0 * x0 + c.c_xt * x;
   return m.sigma_hat ? posterior : ddim;
+}
+
+// A DPM-Solver++(2M) step (no noise); x0 gets the clipped x0, the next step's x0_prev. The op
+// order of reference.dpm_solver_step, not regrouped ((c_d1 * r_inv) * d rounds differently):
+//   a = c_x * x - c_d0 * x0;  second order: a - c_d1 * (r_inv * (x0 - x0_prev)).
+template <int PRED, bool SECOND>
+FASTDDIM_HD float dpm_step(float x, float o, float x0_prev, const DpmCoefs& c, const Mode& m, float& x0) {
+  x0 = clip_x0(predict_x0<PRED>(x, o, c.sqrt_a, c.sqrt_1ma), m);
+  const float a = c.c_x * x - c.c_d0 * x0;
+  return SECOND ? a - c.c_d1 * (c.r_inv * (x0 - x0_prev)) : a;
 }
 
 void ddim_step_cpu(const StepArgs& a);

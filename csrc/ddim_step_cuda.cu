@@ -1,4 +1,6 @@
 // Fused DDIM step on a CUDA GPU: same math and noise as ddim_step_cpu.cpp (ddim_step.h, philox.h).
+// The SOLVER template argument picks DDIM or DPM-Solver++(2M) (first order, or second order with
+// one more read, x0_prev, and x0 always written: 16-20 B per element at fp32, no noise).
 // One thread per Philox group of 4 elements, grid-stride loop. Reads 4 B (x_t) + 4 or 2 B (model
 // output) and writes 4 B (x_{t-1}) per element, plus 4 B (x0) and 2 B (low copy) when asked;
 // 128-bit loads/stores of x and x_{t-1} when a sample's size is a multiple of 4 and the pointers
@@ -25,7 +27,20 @@ struct alignas(4 * sizeof(T)) Pack4 {
   T v[4];
 };
 
-template <typename OutT, int PRED, bool VEC>
+// The 4 floats at p + base (cnt of them at the end of a sample) into v: one 128-bit load when VEC.
+template <bool VEC>
+__device__ __forceinline__ void load4(const float* p, int64_t base, int cnt, float v[4]) {
+  if (VEC) {
+    const Pack4<float> pk = *reinterpret_cast<const Pack4<float>*>(p + base);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = pk.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = k < cnt ? p[base + k] : 0.f;
+  }
+}
+
+template <typename OutT, int PRED, bool VEC, int SOLVER>
 __global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
   const float* row = a.table + a.j * 6;
   const Coefs c{__ldg(row), __ldg(row + 1), __ldg(row + 2), __ldg(row + 3), __ldg(row + 4), __ldg(row + 5)};
@@ -57,14 +72,22 @@ __global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
         }
       }
     }
-    float z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (a.noise) gaussian4(seed, static_cast<uint32_t>(g), static_cast<uint32_t>(first + b), step, z);
     const Mode m = sample_mode(a, b);
     Pack4<float> pv, x0v;
+    if (SOLVER == kSolverDdim) {
+      float z[4] = {0.f, 0.f, 0.f, 0.f};
+      if (a.noise) gaussian4(seed, static_cast<uint32_t>(g), static_cast<uint32_t>(first + b), step, z);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float v = step_mean<PRED>(xv[k], ov[k], c, m, x0v.v[k]);
-      pv.v[k] = a.noise ? v + c.sigma * z[k] : v;
+      for (int k = 0; k < 4; ++k) {
+        const float v = step_mean<PRED>(xv[k], ov[k], c, m, x0v.v[k]);
+        pv.v[k] = a.noise ? v + c.sigma * z[k] : v;
+      }
+    } else {
+      float pp[4] = {0.f, 0.f, 0.f, 0.f};
+      if (SOLVER == kSolverDpm2) load4<VEC>(a.x0_prev, base, cnt, pp);
+      const DpmCoefs d = dpm_coefs(c);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) pv.v[k] = dpm_step<PRED, SOLVER == kSolverDpm2>(xv[k], ov[k], pp[k], d, m, x0v.v[k]);
     }
     if (VEC) {
       *reinterpret_cast<Pack4<float>*>(a.prev + base) = pv;
@@ -119,26 +142,35 @@ int blocks_for(int64_t work) {
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename OutT, int PRED>
+template <typename OutT, int PRED, int SOLVER>
 void launch(const StepArgs& a) {
   const int64_t total = a.batch * ((a.numel + 3) / 4);
   const bool vec = a.numel % 4 == 0 && aligned16(a.x) && aligned16(a.prev) && aligned16(a.x0) &&
-                   reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(OutT)) == 0;
+                   aligned16(a.x0_prev) && reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(OutT)) == 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (vec) {
-    _ddim_step_kernel<OutT, PRED, true><<<blocks_for(total), kThreads, 0, stream>>>(a);
+    _ddim_step_kernel<OutT, PRED, true, SOLVER><<<blocks_for(total), kThreads, 0, stream>>>(a);
   } else {
-    _ddim_step_kernel<OutT, PRED, false><<<blocks_for(total), kThreads, 0, stream>>>(a);
+    _ddim_step_kernel<OutT, PRED, false, SOLVER><<<blocks_for(total), kThreads, 0, stream>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename OutT, int PRED>
+void launch_solver(const StepArgs& a) {
+  switch (a.solver) {
+    case kSolverDpm1: return launch<OutT, PRED, kSolverDpm1>(a);
+    case kSolverDpm2: return launch<OutT, PRED, kSolverDpm2>(a);
+    default: return launch<OutT, PRED, kSolverDdim>(a);
+  }
 }
 
 template <typename OutT>
 void launch_pred(const StepArgs& a) {
   switch (a.pred) {
-    case kEpsilon: return launch<OutT, kEpsilon>(a);
-    case kSample: return launch<OutT, kSample>(a);
-    default: return launch<OutT, kVPrediction>(a);
+    case kEpsilon: return launch_solver<OutT, kEpsilon>(a);
+    case kSample: return launch_solver<OutT, kSample>(a);
+    default: return launch_solver<OutT, kVPrediction>(a);
   }
 }
 

@@ -1,6 +1,7 @@
 """The fused backends' entry points: the step as a torch.library custom op, and their noise.
 
-``torch.ops.fastddim.ddim_step``: one op for every fused backend (``triton``, ``cpp``, ``cuda``),
+``torch.ops.fastddim.ddim_step``: one op for every fused backend (``triton``, ``cpp``, ``cuda``)
+and both solvers (``solver``: DDIM, or DPM-Solver++(2M) first/second order, SOLVER_*),
 so ``torch.compile(fullgraph=True)`` sees a single opaque node with a fake implementation instead
 of a graph break, and a CUDA graph captures one launch per step. ``normal_``: a backend's own
 noise kernel into a preallocated tensor (x_T). Both read the seed and first sample index from
@@ -14,12 +15,14 @@ import torch
 
 __all__ = [
     "ddim_step", "normal_", "rng_state", "seed_bits", "extension", "extension_error", "BUILD_HINT",
-    "PRED_CODES", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD",
+    "PRED_CODES", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD", "SOLVER_DDIM", "SOLVER_DPM1", "SOLVER_DPM2",
 ]
 
 # The kernels' codes, as csrc/ddim_step.h's Pred and Clip enums (kernels/ddim_step.py uses these).
 PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+# csrc/ddim_step.h's Solver: DDIM; DPM-Solver++(2M) first order; second order (reads x0_prev).
+SOLVER_DDIM, SOLVER_DPM1, SOLVER_DPM2 = 0, 1, 2
 FUSED_BACKENDS = ("triton", "cpp", "cuda")
 
 BUILD_HINT = (
@@ -106,7 +109,7 @@ def _check_rng(rng: torch.Tensor, like: torch.Tensor, op: str, name: str) -> Non
         )
 
 
-def _check_triton_step(x, out, table, j, rng, s, pred, clip) -> None:
+def _check_triton_step(x, out, table, j, rng, s, pred, clip, x0_prev, solver, need_x0, ddim_options) -> None:
     """The checks fastddim._C makes at its boundary (csrc/bindings.cpp), for the Triton kernel,
     which takes raw pointers and would read out of bounds or misread dtypes without them."""
     if x.dim() < 1 or x.dtype != torch.float32:
@@ -129,6 +132,27 @@ def _check_triton_step(x, out, table, j, rng, s, pred, clip) -> None:
     if clip == CLIP_THRESHOLD and (s is None or s.dtype != torch.float32 or s.shape != x.shape[:1]):
         raise ValueError(f"ddim_step: clip=2 (threshold) needs s, a float32 ({x.shape[0]},) tensor, got "
                          f"{None if s is None else (s.dtype, tuple(s.shape))}")
+    _check_solver(x, x0_prev, solver, need_x0, ddim_options)
+
+
+def _check_solver(x, x0_prev, solver, need_x0, ddim_options) -> None:
+    """The solver code's own arguments, as csrc/bindings.cpp's check_solver: DPM-Solver++ writes x0
+    (the next step's x0_prev), takes none of DDIM's options (clipped_eps, sigma_hat, noise), and its
+    second order reads x0_prev, a float32 tensor of x's shape on x's device."""
+    if solver not in (SOLVER_DDIM, SOLVER_DPM1, SOLVER_DPM2):
+        raise ValueError(f"ddim_step: solver must be 0 (ddim), 1 (dpm first order) or 2 (dpm second order), got {solver}")
+    if solver == SOLVER_DDIM:
+        return
+    if not need_x0:
+        raise ValueError(f"ddim_step: solver={solver} (dpm) writes x0: need_x0 must be True")
+    if any(ddim_options):
+        raise ValueError(f"ddim_step: clipped_eps, sigma_hat and noise are DDIM options: must be False with solver={solver}")
+    if solver == SOLVER_DPM2 and (
+        x0_prev is None or x0_prev.dtype != torch.float32 or x0_prev.shape != x.shape or x0_prev.device != x.device
+    ):
+        raise ValueError(f"ddim_step: solver=2 (dpm second order) needs x0_prev, a float32 tensor of x's shape "
+                         f"{tuple(x.shape)} on {x.device}, got "
+                         f"{None if x0_prev is None else (x0_prev.dtype, tuple(x0_prev.shape), str(x0_prev.device))}")
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +176,7 @@ _lib = torch.library.Library("fastddim", "DEF")
 _lib.define(
     "ddim_step(Tensor x, Tensor out, Tensor table, int j, Tensor rng, Tensor? s, str backend, int pred, "
     "int clip, float clip_range, bool clipped_eps, bool sigma_hat, bool noise, bool need_x0, "
-    "ScalarType? low_dtype) -> (Tensor, Tensor, Tensor)"
+    "ScalarType? low_dtype, Tensor? x0_prev=None, int solver=0) -> (Tensor, Tensor, Tensor)"
 )
 
 
@@ -160,8 +184,14 @@ def ddim_step(
     x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, rng: torch.Tensor,
     s: torch.Tensor | None, backend: str, pred: int, clip: int, clip_range: float,
     clipped_eps: bool, sigma_hat: bool, noise: bool, need_x0: bool, low_dtype: torch.dtype | None,
+    x0_prev: torch.Tensor | None = None, solver: int = SOLVER_DDIM,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused step j: returns (x_prev, x0, x_low); x0 / x_low are empty (0,) when not asked for.
+
+    solver: SOLVER_DDIM (table: fastddim.plan.COLUMNS), or SOLVER_DPM1 / SOLVER_DPM2, a
+    DPM-Solver++(2M) step of first / second order (table: DPM_COLUMNS; need_x0 True and
+    clipped_eps, sigma_hat, noise False): x0_prev (B, *shape) fp32 is read by SOLVER_DPM2 only,
+    and the returned x0 is the next step's x0_prev (a fresh tensor: no input is written).
 
     x: (B, *shape) fp32; out: same shape, fp32/bf16/fp16; table: the plan's (S, 6) fp32 table on
     x's device; rng: int64 (2,) = (seed bits, first_index) on x's device; s: (B,) fp32 thresholds
@@ -174,13 +204,15 @@ def ddim_step(
     if backend not in FUSED_BACKENDS:
         raise ValueError(f"fastddim::ddim_step: backend must be one of {FUSED_BACKENDS}, got {backend!r}")
     if backend == "triton":  # fastddim._C checks its own arguments (a few us less per step here)
-        _check_triton_step(x, out, table, j, rng, s, pred, clip)
+        _check_triton_step(x, out, table, j, rng, s, pred, clip, x0_prev, solver, need_x0, (clipped_eps, sigma_hat, noise))
     # A strided rng becomes a copy: under CUDA graph capture, a copy kernel reading it at replay.
     x, out, table, rng = x.contiguous(), out.contiguous(), table.contiguous(), rng.contiguous()
     s = s.contiguous() if s is not None else None
+    x0_prev = x0_prev.contiguous() if solver == SOLVER_DPM2 and x0_prev is not None else None
     outputs = x_prev, x0, x_low = _outputs(x, need_x0, low_dtype)
     x0, x_low = x0 if need_x0 else None, x_low if low_dtype is not None else None
-    kw = dict(pred=pred, clip=clip, clip_range=clip_range, s=s, clipped_eps=clipped_eps, sigma_hat=sigma_hat, noise=noise)
+    kw = dict(pred=pred, clip=clip, clip_range=clip_range, s=s, clipped_eps=clipped_eps, sigma_hat=sigma_hat, noise=noise,
+              x0_prev=x0_prev, solver=solver)
     if backend == "triton":
         from fastddim.kernels import ddim_step as triton_step
 
@@ -194,5 +226,6 @@ _lib.impl("ddim_step", ddim_step, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastddim::ddim_step", lib=_lib)
-def _(x, out, table, j, rng, s, backend, pred, clip, clip_range, clipped_eps, sigma_hat, noise, need_x0, low_dtype):
+def _(x, out, table, j, rng, s, backend, pred, clip, clip_range, clipped_eps, sigma_hat, noise, need_x0, low_dtype,
+      x0_prev=None, solver=SOLVER_DDIM):
     return _outputs(x, need_x0, low_dtype)

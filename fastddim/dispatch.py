@@ -19,7 +19,9 @@ import os
 import torch
 
 from . import reference
-from ._ops import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, PRED_CODES, rng_state, seed_bits  # the kernels' codes, one home
+from ._ops import (  # the kernels' codes, one home
+    CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, PRED_CODES, SOLVER_DDIM, SOLVER_DPM1, SOLVER_DPM2, rng_state, seed_bits,
+)
 from .noise import normal, normal_like_batch
 from .plan import Plan
 
@@ -86,9 +88,10 @@ def threshold_scale(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: 
     x: (B, *shape) fp32, out: the model output (B, *shape). The quantile needs all of a sample's
     x0 before any element can be clipped, so it is a separate reduction; the fused kernel then
     recomputes x0 and applies clamp(x0, -s, s) / s. The scalars are 0-dim views of the device
-    table (no sync) and round as the Python floats do.
+    table (no sync) and round as the Python floats do. Columns 0 and 1 are (sqrt_a, sqrt_1ma) in
+    both solvers' tables.
     """
-    x0, _ = reference.predict_x0_eps(x, out.float(), table[j, 0], table[j, 1], plan.prediction_type)
+    x0 = reference.predict_x0(x, out.float(), table[j, 0], table[j, 1], plan.prediction_type)
     flat = x0.reshape(x0.shape[0], -1).abs()
     return row_quantile(flat, plan.dynamic_thresholding_ratio).clamp(min=1, max=plan.sample_max_value)
 
@@ -201,10 +204,9 @@ class Step:
         """
         if first_index is not None:
             self.set_rng(self.seed, first_index)
-        if self.plan.solver == "dpm++2m":
-            return self._dpm(x, out, j, x0_prev)
+        solver = self._solver(j, x0_prev)
         if self.backend == "torch":
-            return self._reference(x, out, j)
+            return self._reference(x, out, j, x0_prev)
         if out.dtype not in (torch.float32, *LOW_DTYPES):
             out = out.float()
         x, out = x.float().contiguous(), out.contiguous()
@@ -216,22 +218,27 @@ class Step:
         prev, x0, low = op(
             x, out, self.table, j, self.rng, s, self.backend, self.pred, self.clip, self.clip_range,
             plan.use_clipped_model_output, plan.sigma_hat, plan.noise[j], self.need_x0, self.low_dtype,
+            x0_prev if solver == SOLVER_DPM2 else None, solver,
         )
         x0 = x0 if self.need_x0 else None
         return (prev, x0) if self.low_dtype is None else (prev, x0, low)
 
-    def _dpm(self, x: torch.Tensor, out: torch.Tensor, j: int, x0_prev: torch.Tensor | None):
-        second = self.plan.orders[j] == 2
-        if second and x0_prev is None:
+    def _solver(self, j: int, x0_prev: torch.Tensor | None) -> int:
+        """Step j's solver code (the plan's host data: no sync); a second-order step needs x0_prev."""
+        if self.plan.solver != "dpm++2m":
+            return SOLVER_DDIM
+        if self.plan.orders[j] == 1:
+            return SOLVER_DPM1
+        if x0_prev is None:
             raise ValueError(f"step {j} of the 'dpm++2m' plan is second order: pass x0_prev, the x0 step {j - 1} returned")
-        if self.backend != "torch":
-            raise NotImplementedError(f"dpm++2m on {self.backend}: in progress")
-        prev, x0 = reference.dpm_solver_step(x, out, x0_prev if second else None, self.plan, j)
-        return (prev, x0) if self.low_dtype is None else (prev, x0, prev.to(self.low_dtype))
+        return SOLVER_DPM2
 
-    def _reference(self, x: torch.Tensor, out: torch.Tensor, j: int):
-        z = normal_like_batch(x, self.seed, self.first_index, j + 1) if self.plan.noise[j] else None
-        prev, x0 = reference.ddim_step(x, out, self.plan, j, z)
+    def _reference(self, x: torch.Tensor, out: torch.Tensor, j: int, x0_prev: torch.Tensor | None):
+        if self.plan.solver == "dpm++2m":
+            prev, x0 = reference.dpm_solver_step(x, out, x0_prev if self.plan.orders[j] == 2 else None, self.plan, j)
+        else:
+            z = normal_like_batch(x, self.seed, self.first_index, j + 1) if self.plan.noise[j] else None
+            prev, x0 = reference.ddim_step(x, out, self.plan, j, z)
         x0 = x0 if self.need_x0 else None
         return (prev, x0) if self.low_dtype is None else (prev, x0, prev.to(self.low_dtype))
 

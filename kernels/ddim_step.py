@@ -1,4 +1,5 @@
 """Fused DDIM step in Triton: x_t and the model output -> x_{t-1}, noise made in the kernel.
+The SOLVER constexpr makes the same kernel a DPM-Solver++(2M) step (see below).
 
 One pass per step. Per element it reads x_t (4 B, fp32) and the model output (4 or 2 B) and
 writes x_{t-1} (4 B): 10-12 B, plus 4 B for the optional x0 and 2 B for the optional bf16/fp16
@@ -16,6 +17,12 @@ The seed and the first sample's index are read from a device int64 tensor ``rng`
 the int64 bit pattern, first_index; ``fastddim._ops.rng_state``), so a captured CUDA graph
 replays with new ones. The per-step scalars are row j of the plan's table on the device (columns
 as fastddim.plan.COLUMNS). ``normal_`` writes the same noise alone (x_T): 4 B per element.
+
+SOLVER 1 / 2 (fastddim._ops.SOLVER_DPM1 / _DPM2): a DPM-Solver++(2M) step with a DPM plan's row
+(fastddim.plan.DPM_COLUMNS), in the order of ``fastddim.reference.dpm_solver_step``: x0 and its
+clipping as above, then ``c_x * x - c_d0 * x0`` and, second order, ``- c_d1 * (r_inv * (x0 -
+x0_prev))``. No noise; x0 always written (the next step's x0_prev): 14-16 B per element first
+order (x_t, the output, x_{t-1}, x0), 18-20 B second order (one more 4 B read, x0_prev).
 
 Divisions use div_rn (Triton's ``/`` is approximate on GPU); log/sin/cos come from libdevice
 (tl.log may lower to an approximate instruction). Under TRITON_INTERPRET=1 libdevice does not
@@ -123,10 +130,11 @@ def _noise_tile(g, sample, step, rng_ptr):
 
 @triton.jit(do_not_specialize=["j"])
 def _ddim_step_kernel(
-    x_ptr, out_ptr, table_ptr, rng_ptr, s_ptr, prev_ptr, x0_ptr, low_ptr,
+    x_ptr, out_ptr, table_ptr, rng_ptr, s_ptr, prev_ptr, x0_ptr, low_ptr, x0_prev_ptr,
     j, numel, clip_range,
     PRED: tl.constexpr, CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr, SIGMA_HAT: tl.constexpr,
     HAS_NOISE: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_LOW: tl.constexpr, BLOCK: tl.constexpr,
+    SOLVER: tl.constexpr = 0,
 ):
     # grid = (B, cdiv(groups, BLOCK)): a program covers BLOCK Philox groups of 4 elements of one sample.
     b = tl.program_id(0)
@@ -164,16 +172,22 @@ def _ddim_step_kernel(
         s = tl.load(s_ptr + b)
         x0 = tl.minimum(tl.maximum(x0, -s, tl.PropagateNan.ALL), s, tl.PropagateNan.ALL)
         x0 = tl.math.div_rn(x0, s)
-    if CLIPPED_EPS:
-        eps = tl.math.div_rn(x - sqrt_a * x0, sqrt_1ma)
+    if SOLVER == 0:
+        if CLIPPED_EPS:
+            eps = tl.math.div_rn(x - sqrt_a * x0, sqrt_1ma)
 
-    if SIGMA_HAT:
-        prev = c_x0 * x0 + c_xt * x
-    else:
-        prev = c_x0 * x0 + c_eps * eps
-    if HAS_NOISE:
-        first = tl.load(rng_ptr + 1)
-        prev = prev + sigma * _noise_tile(g, first + b, j + 1, rng_ptr)
+        if SIGMA_HAT:
+            prev = c_x0 * x0 + c_xt * x
+        else:
+            prev = c_x0 * x0 + c_eps * eps
+        if HAS_NOISE:
+            first = tl.load(rng_ptr + 1)
+            prev = prev + sigma * _noise_tile(g, first + b, j + 1, rng_ptr)
+    else:  # DPM-Solver++(2M): columns 2-5 are DPM_COLUMNS' c_x, c_d0, c_d1, r_inv (eps above is unused)
+        prev = tl.load(row + 2) * x - tl.load(row + 3) * x0
+        if SOLVER == 2:
+            x0_prev = tl.load(x0_prev_ptr + off, mask=mask, other=0.0)
+            prev = prev - tl.load(row + 4) * (tl.load(row + 5) * (x0 - x0_prev))
 
     tl.store(prev_ptr + off, prev, mask=mask)
     if WRITE_X0:
@@ -193,8 +207,11 @@ def ddim_step(
     x_prev: torch.Tensor, x0: torch.Tensor | None = None, x_low: torch.Tensor | None = None, *,
     pred: int, clip: int = CLIP_NONE, clip_range: float = 1.0, s: torch.Tensor | None = None,
     clipped_eps: bool = False, sigma_hat: bool = False, noise: bool = False,
+    x0_prev: torch.Tensor | None = None, solver: int = 0,
 ) -> None:
     """Step j into the preallocated x_prev (and x0, x_low when given). Checks are the caller's.
+    solver: fastddim._ops.SOLVER_* (DPM codes: x0 given; x0_prev (B, *shape) contiguous fp32 read
+    by SOLVER_DPM2).
 
     x, x_prev, x0: (B, *shape) contiguous fp32; out: (B, *shape) fp32/bf16/fp16; x_low: bf16 or
     fp16; table: (S, 6) fp32; rng: int64 (2,) = (seed bits, first_index); s: (B,) fp32 thresholds
@@ -210,9 +227,10 @@ def ddim_step(
     _ddim_step_kernel[grid](
         x, out, table, rng, s if s is not None else x, x_prev,
         x0 if x0 is not None else x_prev, x_low if x_low is not None else x_prev,
+        x0_prev if x0_prev is not None else x,
         j, numel, float(clip_range),
         PRED=pred, CLIP=clip, CLIPPED_EPS=clipped_eps, SIGMA_HAT=sigma_hat, HAS_NOISE=noise,
-        WRITE_X0=x0 is not None, WRITE_LOW=x_low is not None, BLOCK=block,
+        WRITE_X0=x0 is not None, WRITE_LOW=x_low is not None, BLOCK=block, SOLVER=solver,
     )
 
 

@@ -11,7 +11,7 @@ import torch
 from fastddim import _ops, reference
 from fastddim.dispatch import available_backends, make_step, resolve_backend
 from fastddim.noise import normal_like_batch
-from fastddim.plan import make_plan
+from fastddim.plan import make_dpm_plan, make_plan
 from fastddim.schedule import Schedule
 
 SCHEDULE = Schedule.linear()
@@ -204,6 +204,78 @@ def test_table_moved_once_and_no_per_step_copies(monkeypatch):
     assert calls == []
 
 
+# ------------------------------------------------- DPM-Solver++(2M): the same op, solver 1 and 2
+DPM_S = 6  # orders (1, 2, 2, 2, 2, 1): the first step, second-order ones, the last (to sigma 0)
+DPM_CLIPS = {
+    "none": {},
+    "clip": {"clip_sample": True, "clip_sample_range": 1.5},
+    "threshold": {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 3.0},
+}
+
+
+def dpm_plan(pred="epsilon", clip="none", schedule=SCHEDULE, S=DPM_S, **kw):
+    return make_dpm_plan(schedule, S, prediction_type=pred, **DPM_CLIPS[clip], **kw)
+
+
+def check_dpm_against_reference(backend, plan, shape, dtype, atol, rtol, steps, device="cpu"):
+    """The fused step j against reference.dpm_solver_step on the same x, out and x0_prev (an
+    independent tensor, so a second-order step that ignored it, or read x0 for it, fails)."""
+    x, out = inputs(shape, dtype, device=device)
+    x0_prev = inputs(shape, torch.float32, seed=1, device=device)[0]
+    step = make_step(backend, plan, 0, device=torch.device(device))
+    for j in steps:
+        second = plan.orders[j] == 2
+        prev, x0 = step(x, out, j, None, x0_prev)
+        want_prev, want_x0 = reference.dpm_solver_step(x, out, x0_prev if second else None, plan, j)
+        what = f"dpm {backend} {plan.prediction_type} {dtype} {shape} j={j} order={plan.orders[j]}"
+        assert_close(x0, want_x0, atol, rtol, what + " x0")
+        assert_close(prev, want_prev, atol, rtol, what + " x_next")
+
+
+@pytest.mark.parametrize("dtype", [t.values[0] for t in TOLS], ids=[t.id for t in TOLS])
+@pytest.mark.parametrize("clip", list(DPM_CLIPS))
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_dpm_step_matches_reference(backend, pred, clip, dtype):
+    """Every prediction type, clip mode and output dtype, first- and second-order steps. The C++
+    kernel (-ffp-contract=off) and the Triton one under the interpreter (numpy float32) round op for
+    op as the reference: bit for bit."""
+    plan = dpm_plan(pred, clip)
+    assert plan.orders == (1, 2, 2, 2, 2, 1)
+    shapes = TRITON_SHAPES if backend == "triton" else CPP_SHAPES
+    for shape in shapes:
+        check_dpm_against_reference(backend, plan, shape, dtype, 0.0, 0.0, (0, 1, DPM_S // 2, DPM_S - 1))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_dpm_step_other_plans(backend):
+    """Zero-terminal-SNR v-prediction with trailing timesteps (alpha_s = 2**-12 at the first step),
+    Karras sigmas, and a run whose last step is second order (sigma_min, S >= 15)."""
+    plans = [
+        dpm_plan("v_prediction", schedule=Schedule.linear(rescale_zero_terminal_snr=True), spacing="trailing"),
+        dpm_plan("epsilon", "threshold", use_karras_sigmas=True, S=8),
+        dpm_plan("sample", "clip", S=15, final_sigmas_type="sigma_min"),
+    ]
+    assert plans[2].orders[-1] == 2
+    shape = TRITON_SHAPES[0] if backend == "triton" else (3, 3, 37, 37)
+    for plan in plans:
+        check_dpm_against_reference(backend, plan, shape, torch.bfloat16, 0.0, 0.0, (0, 1, plan.steps - 1))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_dpm_samples_spanning_several_programs(backend):
+    check_dpm_against_reference(backend, dpm_plan("v_prediction", "threshold"), (2, 4, 33, 31), torch.float16,
+                                0.0, 0.0, (1, DPM_S - 1))
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_dpm_low_precision_copy(backend, low):
+    x, out = inputs(TRITON_SHAPES[0], torch.float32)
+    prev, x0, x_low = make_step(backend, dpm_plan(), 0, low_dtype=low)(x, out, 2, None, 0.5 * x)
+    assert x_low.dtype == low and torch.equal(x_low, prev.to(low))
+
+
 # ------------------------------------------------------------- the op's boundary: any strides
 def strided_cases(device="cpu"):
     """name -> (x, out): the layouts users hand the op, all of logical shape (2, 3, 6, 5)."""
@@ -219,26 +291,31 @@ def strided_cases(device="cpu"):
     }
 
 
-# (pred, clip, noise): epsilon with noise; v_prediction thresholded by a strided s, eps from the clipped x0.
-OP_MODES = [(0, _ops.CLIP_NONE, True), (2, _ops.CLIP_THRESHOLD, True)]
+# (pred, clip, solver): epsilon with noise; v_prediction thresholded by a strided s, eps from the
+# clipped x0, with noise; the same thresholded v as a second-order DPM step reading a strided x0_prev.
+OP_MODES = [(0, _ops.CLIP_NONE, _ops.SOLVER_DDIM), (2, _ops.CLIP_THRESHOLD, _ops.SOLVER_DDIM),
+            (2, _ops.CLIP_THRESHOLD, _ops.SOLVER_DPM2)]
 
 
 def check_op_on_strided_inputs(backend: str, device: str = "cpu") -> None:
     """Both entry points (_ops.ddim_step and the registered op) on every strided case give, bit for
     bit, what they give on contiguous copies, and contiguous outputs."""
-    plan = make_plan(SCHEDULE, S, eta=1.0)
-    table, rng = plan.table.to(device), _ops.rng_state(99, 5, device)
+    tables = {_ops.SOLVER_DDIM: make_plan(SCHEDULE, S, eta=1.0).table.to(device), _ops.SOLVER_DPM2: dpm_plan().table.to(device)}
+    rng = _ops.rng_state(99, 5, device)
     s = torch.tensor([1.5, 9.0, 2.5, 9.0], device=device)[::2]  # not contiguous
     ops = {"_ops.ddim_step": _ops.ddim_step, "torch.ops.fastddim.ddim_step": torch.ops.fastddim.ddim_step}
     for case, (x, out) in strided_cases(device).items():
         assert not (x.is_contiguous() and out.is_contiguous()), case
-        for pred, clip, noise in OP_MODES:
-            args = (table, 3, rng, s if clip == _ops.CLIP_THRESHOLD else None, backend, pred, clip, 1.0,
-                    clip == _ops.CLIP_THRESHOLD, False, noise, True, torch.bfloat16)
-            want = _ops.ddim_step(x.contiguous(), out.contiguous(), *args)
+        x0_prev = (0.5 * x).transpose(2, 3).contiguous().transpose(2, 3)  # never contiguous
+        for pred, clip, solver in OP_MODES:
+            ddim = solver == _ops.SOLVER_DDIM
+            args = (tables[solver], 3, rng, s if clip == _ops.CLIP_THRESHOLD else None, backend, pred, clip, 1.0,
+                    ddim and clip == _ops.CLIP_THRESHOLD, False, ddim, True, torch.bfloat16)
+            dpm_args, dpm_contiguous = ((), ()) if ddim else ((x0_prev, solver), (x0_prev.contiguous(), solver))
+            want = _ops.ddim_step(x.contiguous(), out.contiguous(), *args, *dpm_contiguous)
             for name, op in ops.items():
-                got = op(x, out, *args)
-                what = f"{backend} {name} {case} pred={pred} clip={clip}"
+                got = op(x, out, *args, *dpm_args)
+                what = f"{backend} {name} {case} pred={pred} clip={clip} solver={solver}"
                 for g, w, part in zip(got, want, ("x_prev", "x0", "x_low")):
                     assert g.is_contiguous() and g.shape == w.shape, f"{what} {part}: {g.shape} {g.stride()}"
                     if not torch.equal(g, w):
@@ -277,6 +354,33 @@ def test_triton_op_rejects_bad_arguments():
         (dict(clip=2), "clip=2 .threshold. needs s"),
         (dict(clip=2, s=torch.ones(3)), "clip=2 .threshold. needs s"),
         (dict(backend="torch"), "backend must be one of"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            _ops.ddim_step(**{**good, **change})
+
+
+def test_triton_op_rejects_bad_dpm_arguments():
+    """The solver code's own arguments, checked as csrc/bindings.cpp's check_solver does."""
+    if available_backends(torch.device("cpu"))["triton"] is not None:
+        pytest.skip(available_backends(torch.device("cpu"))["triton"])
+    x, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    good = dict(x=x, out=out, table=dpm_plan().table, j=2, rng=_ops.rng_state(1, 0, "cpu"), s=None, backend="triton",
+                pred=0, clip=0, clip_range=1.0, clipped_eps=False, sigma_hat=False, noise=False, need_x0=True,
+                low_dtype=None, x0_prev=torch.randn(2, 3, 4), solver=_ops.SOLVER_DPM2)
+    _ops.ddim_step(**good)
+    bad = [
+        (dict(solver=3), "solver must be 0 .ddim., 1 .dpm first order. or 2"),
+        (dict(solver=-1), "solver must be"),
+        (dict(x0_prev=None), "solver=2 .dpm second order. needs x0_prev"),
+        (dict(x0_prev=x[:1]), "needs x0_prev, a float32 tensor of x's shape"),
+        (dict(x0_prev=x.bfloat16()), "needs x0_prev, a float32"),
+        (dict(x0_prev=x.to("meta")), "needs x0_prev"),
+        (dict(need_x0=False), "writes x0: need_x0 must be True"),
+        (dict(need_x0=False, solver=_ops.SOLVER_DPM1), "writes x0"),
+        (dict(noise=True), "DDIM options"),
+        (dict(clipped_eps=True, solver=_ops.SOLVER_DPM1), "DDIM options"),
+        (dict(sigma_hat=True), "DDIM options"),
     ]
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -325,6 +429,31 @@ def test_cpp_rejects_bad_arguments(C):
     assert "table" in C.ddim_step.__doc__
 
 
+def test_cpp_rejects_bad_dpm_arguments(C):
+    x, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    rng = torch.tensor([1, 0])
+    prev, x0, x0_prev = torch.empty_like(x), torch.empty_like(x), torch.randn(2, 3, 4)
+    good = dict(x=x, out=out, table=dpm_plan().table, j=2, rng=rng, x_prev=prev, x0=x0, x0_prev=x0_prev, solver=2)
+    C.ddim_step(**good)
+    bad = [
+        (dict(solver=3), "solver must be 0 .ddim., 1 .dpm first order. or 2"),
+        (dict(x0_prev=None), "needs x0_prev"),
+        (dict(x0_prev=x0_prev[:1]), "x0_prev has shape"),
+        (dict(x0_prev=x0_prev.transpose(1, 2).contiguous().transpose(1, 2)), "x0_prev must be contiguous"),
+        (dict(x0_prev=x0_prev.bfloat16()), "x0_prev must be float32"),
+        (dict(x0=x0_prev), "must not alias x0_prev"),
+        (dict(x0=None), "writes x0: pass x0"),
+        (dict(x0=None, solver=1), "writes x0: pass x0"),
+        (dict(noise=True), "DDIM options"),
+        (dict(clipped_eps=True, solver=1), "DDIM options"),
+        (dict(sigma_hat=True), "DDIM options"),
+    ]
+    for change, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            C.ddim_step(**{**good, **change})
+    assert "x0_prev" in C.ddim_step.__doc__
+
+
 def test_missing_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_ops, "extension_error", lambda: "the C++ extension fastddim._C is not built (test); " + _ops.BUILD_HINT)
     for backend in ("cpp", "cuda"):
@@ -357,6 +486,21 @@ def test_custom_op_compiles_fullgraph(C):
     assert torch.equal(compiled(x, out), loop(x, out))
 
 
+def test_dpm_custom_op_compiles_fullgraph(C):
+    """A DPM-Solver++ run threads x0 from step to step through the op, traced without a break."""
+    step = make_step("cpp", dpm_plan(clip="threshold"), 0)
+    x, out = inputs((2, 3, 8, 8), torch.float32)
+
+    def loop(x, out):
+        x0 = None
+        for j in range(DPM_S):
+            x, x0 = step(x, 0.9 * out + 0.1 * x, j, None, x0)
+        return x, x0
+
+    got, want = torch.compile(loop, fullgraph=True, backend="eager")(x, out), loop(x, out)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_custom_op_opcheck(C):
     plan = make_plan(SCHEDULE, S, eta=1.0)
     x, out = inputs((2, 3, 5), torch.bfloat16)
@@ -365,6 +509,12 @@ def test_custom_op_opcheck(C):
     # channels_last inputs: the fake's outputs have the real op's (contiguous) strides.
     x, out = (t.to(memory_format=torch.channels_last) for t in inputs((2, 3, 4, 5), torch.bfloat16))
     torch.library.opcheck(torch.ops.fastddim.ddim_step.default, (x, out, *args[2:]), test_utils=("test_faketensor",))
+    # the DPM solver codes: x0_prev and solver at the end of the schema
+    x, out = inputs((2, 3, 5), torch.bfloat16)
+    dpm = (x, out, dpm_plan().table, 2, args[4], None, "cpp", 0, 0, 1.0, False, False, False, True, torch.bfloat16)
+    x0_prev = torch.randn(2, 3, 5)
+    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, (*dpm, x0_prev, _ops.SOLVER_DPM2),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # -------------------------------------------------------------------------------- GPU

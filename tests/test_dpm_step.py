@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastddim import reference
-from fastddim.dispatch import make_step
+from fastddim.dispatch import available_backends, make_step
 from fastddim.plan import make_dpm_plan
 from fastddim.schedule import Schedule
 
@@ -70,3 +70,22 @@ def test_second_order_step_without_x0_prev_refused(backend):
     x, out, _ = data((2, 5))
     with pytest.raises(ValueError, match="x0_prev"):
         step(x, out, 2)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_run_threads_x0_as_the_torch_backend(backend):
+    """A whole run, each step's x0 passed to the next as x0_prev, on a fused backend equals the torch
+    backend bit for bit on the CPU (both kernels round as the reference there)."""
+    reason = available_backends(torch.device("cpu"))[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    plan = dpm_plan(S=6, prediction_type="v_prediction", thresholding=True, sample_max_value=2.0)
+    x_T = data((2, 3, 5, 7))[0]
+
+    def run(step):
+        x, x0 = x_T, None
+        for j in range(plan.steps):
+            x, x0 = step(x, torch.tanh(0.3 * x), j, None, x0)
+        return x
+
+    assert torch.equal(run(make_step(backend, plan, 0)), run(make_step("torch", plan, 0)))
