@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from fastddim.models import PRESETS, UNet, UNetConfig
+from test_unet import _randomized  # every weight random (tests/ is on sys.path: pytest's rootdir insertion)
 
 COND = UNetConfig(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                   groups=4, resolution=16, num_classes=3)
-
-
-def _randomized(cfg, seed=0):
-    """Every weight random (the zero-initialised output conv would make the output 0)."""
-    torch.manual_seed(seed)
-    m = UNet(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m.eval()
 
 
 def test_config_default_is_unconditional_and_old_configs_load():
