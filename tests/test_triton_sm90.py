@@ -28,7 +28,9 @@ SIZES = {"3x32x32": 3 * 32 * 32, "3x37x37": 3 * 37 * 37, "4x50x50": 4 * 50 * 50}
 # (model output dtype, low-precision copy dtype): fp32, a bf16 model, a bf16 model fed a bf16 copy.
 DTYPES = {"fp32": ("fp32", None), "bf16": ("bf16", None), "bf16+copy": ("bf16", "bf16")}
 # Step kernel registers measured here: Triton 3.6 46-61 (139-159 before the joined noise tile),
-# Triton 3.9 56-71. Room above the first, well below the cliff.
+# Triton 3.9 56-71. Room above the first, well below the cliff. The DPM-Solver++ variants (no noise)
+# must stay under the same ceiling: Triton 3.9 34-48 (the DDIM variants' counts, PTX mul.hi and
+# vector loads were the same before and after the SOLVER constexpr joined the kernel).
 MAX_REGS = 80
 MULHI_PER_GROUP = 20  # Philox-4x32-10: 2 mul.hi per round, 10 rounds, once per group of 4 normals
 
@@ -84,15 +86,21 @@ def _variants():
         for dname, (out_dt, low_dt) in DTYPES.items():
             types = {
                 "x_ptr": "*fp32", "out_ptr": f"*{out_dt}", "table_ptr": "*fp32", "rng_ptr": "*i64", "s_ptr": "*fp32",
-                "prev_ptr": "*fp32", "x0_ptr": "*fp32", "low_ptr": f"*{low_dt or 'fp32'}", "j": "i32", "numel": "i32",
-                "clip_range": "fp32",
+                "prev_ptr": "*fp32", "x0_ptr": "*fp32", "low_ptr": f"*{low_dt or 'fp32'}", "x0_prev_ptr": "*fp32",
+                "j": "i32", "numel": "i32", "clip_range": "fp32",
             }
             base = dict(PRED=0, CLIP=0, CLIPPED_EPS=False, SIGMA_HAT=False, HAS_NOISE=True, WRITE_X0=low_dt is None,
-                        WRITE_LOW=low_dt is not None, BLOCK=block)
+                        WRITE_LOW=low_dt is not None, BLOCK=block, SOLVER=0)
             yield f"step {size} {dname}", k._ddim_step_kernel, types, base, numel
+            # DPM-Solver++(2M), second order: no noise, x0 always written, one more load (x0_prev)
+            dpm = dict(base, HAS_NOISE=False, WRITE_X0=True, SOLVER=2)
+            yield f"dpm {size} {dname}", k._ddim_step_kernel, types, dpm, numel
+            if dname == "fp32":
+                yield f"dpm {size} {dname} first order", k._ddim_step_kernel, types, dict(dpm, SOLVER=1), numel
             if dname == "bf16":  # the most work per element: v, thresholding, eps from the clipped x0
                 heavy = dict(base, PRED=2, CLIP=2, CLIPPED_EPS=True)
                 yield f"step {size} {dname} v+threshold", k._ddim_step_kernel, types, heavy, numel
+                yield f"dpm {size} {dname} v+threshold", k._ddim_step_kernel, types, dict(dpm, PRED=2, CLIP=2), numel
         yield f"normal {size}", k._normal_kernel, {"res_ptr": "*fp32", "rng_ptr": "*i64", "step": "i32", "numel": "i32"}, dict(BLOCK=block), numel
 
 
@@ -142,7 +150,7 @@ def _table(rows: dict) -> str:
     return "\n".join(f"  {name}: {row}" for name, row in rows.items())
 
 
-@pytest.mark.parametrize("kernel", ["step", "normal"])
+@pytest.mark.parametrize("kernel", ["step", "dpm", "normal"])
 def test_no_spills_and_few_registers(report, kernel):
     rows = _rows(report, kernel)
     bad = {n: r for n, r in rows.items() if r["spill_stores"] or r["spill_loads"] or r["regs"] > MAX_REGS}
@@ -162,8 +170,14 @@ def test_one_philox_per_group_whatever_the_size(report, kernel):
 def test_aligned_samples_get_128_bit_loads(report):
     """A multiple of 16 per sample keeps the vector loads (the size that is not cannot have them:
     its samples start at addresses that are not 16-byte aligned)."""
-    rows = _rows(report, "step")
+    rows = {**_rows(report, "step"), **_rows(report, "dpm")}
     assert all(r["v4_loads"] > 0 for n, r in rows.items() if "3x32x32" in n), _table(rows)
+
+
+def test_dpm_variants_make_no_noise(report):
+    """The DPM-Solver++ step has no noise: no Philox rounds compiled in (a HAS_NOISE leak would add them)."""
+    rows = _rows(report, "dpm")
+    assert all(r["mulhi"] == 0 for r in rows.values()), _table(rows)
 
 
 if __name__ == "__main__":
