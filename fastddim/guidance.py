@@ -198,17 +198,17 @@ def make_guidance(
         calls = [2 if ins else 1 for ins in inside]
     else:
         calls = [1 if w == 1.0 else 2 for w in weights]
-    cond = _check_kwargs("model_kwargs", {} if model_kwargs is None else model_kwargs, n)
     if uncond_kwargs is None:
         if 2 in calls:
-            what = "guidance='cfg++'" if method == "cfg++" else f"guidance_scale {next(w for w in weights if w != 1)}"
+            w = next(w for w in weights if w != 1) if method == "cfg" else None
+            what = "guidance='cfg++'" if w is None else f"guidance_scale {w}"
             raise ValueError(f"{what} needs uncond_kwargs, the unconditional half's model kwargs (e.g. "
-                             "{'class_labels': model.null_class_label}); guidance_scale=1 samples the conditional "
-                             "prediction alone")
+                             "{'class_labels': torch.tensor([model.null_class_label])}); guidance_scale=1 samples "
+                             "the conditional prediction alone")
         uncond = {}
-    else:
+    else:  # model_kwargs alone (an unguided run) are the engine's to check, as before guidance existed
         uncond = _check_kwargs("uncond_kwargs", uncond_kwargs, n)
-        _check_pairs(uncond, cond, split)
+        _check_pairs(uncond, _check_kwargs("model_kwargs", {} if model_kwargs is None else model_kwargs, n), split)
     return Guidance(method=method, weights=tuple(weights), calls=tuple(calls), rescale=phi, interval=interval,
                     split=bool(split), uncond_kwargs=uncond)
 

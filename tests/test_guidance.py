@@ -199,6 +199,8 @@ def test_what_is_accepted():
     # w = 1 needs no uncond_kwargs and makes no unconditional call
     g = _make(guidance_scale=1.0, uncond_kwargs=None)
     assert g.calls == (1,) * 5 and not g.active and g.uncond_steps == 0 and g.uncond_kwargs == {}
+    # an unguided run's kwargs keep their rules (a 0-dim tensor is shared), whatever guidance needs
+    assert not _make(guidance_scale=1.0, uncond_kwargs=None, model_kwargs={"scale": torch.tensor(0.5)}).active
     # an int scale, an int interval
     assert _make(guidance_scale=2, guidance_interval=[100, 500]).weights == (1.0, 1.0, 2.0, 2.0, 2.0)
 
