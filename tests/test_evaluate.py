@@ -147,6 +147,19 @@ def test_single_setting_python_and_cli(capsys):
     assert "FD to held-out MNIST" in capsys.readouterr().out
 
 
+def test_single_setting_with_the_dpm_solver(capsys):
+    """--solver reaches the sampler: the FD is the one of fastddim.sample(solver='dpm++2m') samples."""
+    from fastddim import metrics
+
+    assert run_eval(["-n", "6", "--steps", "4", "--solver", "dpm++2m", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["solver"], out["spacing"]) == ("dpm++2m", "linspace")
+    x = fastddim.sample(TinyDigitModel(), 6, 4, solver="dpm++2m", spacing="linspace", seed=0, progress=False)
+    assert out["fd"][0] == pytest.approx(metrics.fd_and_histogram(x)[0], rel=1e-5)
+    ddim = ev.evaluate(TinyDigitModel(), n=6, steps=4, spacing="linspace")["single"]
+    assert ddim["solver"] == "ddim" and ddim["fd"][0] != out["fd"][0]
+
+
 def test_table2_reconstruction_is_accurate_for_the_exact_model():
     m = TinyDigitModel()
     x0 = m.mu.expand(3, 1, 32, 32) + 0.3 * torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -179,6 +192,10 @@ def test_heldout_subset_is_balanced_prefix():
     (dict(table1=True, table1_etas="0,x"), "eta"),
     (dict(table2=True, table2_variants="quad:middle"), "table2_variants"),
     (dict(table2=True, table2_refine=-1), "table2_refine"),
+    (dict(solver="dpm"), "solver must be one of"),
+    (dict(solver="dpm++2m", eta=1), "eta=1.0: eta is a DDIM option"),
+    (dict(solver="dpm++2m", spacing="quad"), "spacing must be one of .* for solver 'dpm\\+\\+2m'"),
+    (dict(solver="dpm++2m", table1=True), "measure the solver as a single setting"),
 ])
 def test_bad_arguments(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..plan import SPACINGS
+from ..plan import SOLVERS, SPACINGS
 from . import common as c
 
 
@@ -19,6 +19,7 @@ def add(sub) -> None:
                     "setting, or remake the paper's Tables 1 and 2 and figures as a report.",
         epilog="examples:\n"
                "  fastddim eval -n 256 --steps 10 --eta 0                    # the metric for one setting\n"
+               "  fastddim eval -n 500 --seeds 2 --steps 10 --solver dpm++2m # DPM-Solver++(2M), one setting\n"
                "  fastddim eval --table1 -n 512 --seeds 2 --out runs/t1      # the long part alone (Table 1)\n"
                "  fastddim eval --table2 --figures --table1-from runs/t1/paper_tables.json --out report/\n"
                f"  fastddim eval --table1 --table2 --figures                  # everything, into ./{DEFAULT_OUT}/\n\n"
@@ -37,7 +38,11 @@ def add(sub) -> None:
     p.add_argument("--eta", type=c.eta_type, default=None,
                    help="eta for the single setting: a number >= 0 or sigma_hat (default 0)")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
-                   help="timestep spacing for Table 1 / the single setting (default quad)")
+                   help="timestep spacing for Table 1 / the single setting (default quad; linspace with "
+                        "--solver dpm++2m)")
+    p.add_argument("--solver", choices=SOLVERS, default="ddim",
+                   help="the single setting's sampler: ddim (default) or dpm++2m (DPM-Solver++(2M), eta 0). "
+                        "Not with --table1/--table2/--figures: they are the DDIM paper's (Table 1 runs S x eta)")
     p.add_argument("--table1-steps", default=",".join(map(str, TABLE1_STEPS)), help="(default %(default)s)")
     p.add_argument("--table1-etas", default=",".join(eta_str(e) for e in TABLE1_ETAS), help="(default %(default)s)")
     p.add_argument("--table2-steps", default=",".join(map(str, TABLE2_STEPS)), help="(default %(default)s)")
@@ -81,7 +86,7 @@ def run(args) -> int:
         table2_steps=args.table2_steps, table2_n=args.table2_n, table2_n_long=args.table2_n_long,
         table2_long_from=args.table2_long_from, table2_variants=args.table2_variants,
         table2_variant_steps=args.table2_variant_steps, table2_refine=args.table2_refine,
-        table1_from=args.table1_from, command=cmd,
+        table1_from=args.table1_from, command=cmd, solver=args.solver,
     )
     if res.get("single") is None:
         print(res["report"])

@@ -48,8 +48,9 @@ def model_calls(model, steps: int, eta, spacing: str) -> int:
 
 
 def fd_of_setting(model, n: int, steps: int, eta=0.0, *, spacing="quad", seed: int = 0,
-                  batch_size: int | None = None, device=None) -> dict:
-    """Draw ``n`` samples at (steps, eta, spacing, seed) and measure them.
+                  batch_size: int | None = None, device=None, **sample_kwargs) -> dict:
+    """Draw ``n`` samples at (steps, eta, spacing, seed) and measure them. ``sample_kwargs`` go to
+    ``fastddim.sample`` (e.g. ``solver="dpm++2m"``, ``use_karras_sigmas=True``, ``backend``).
 
     Returns ``{"fd": float, "hist": [10 ints], "seconds": sampling time, "evals": n * model calls}``.
     """
@@ -57,7 +58,7 @@ def fd_of_setting(model, n: int, steps: int, eta=0.0, *, spacing="quad", seed: i
 
     t0 = time.perf_counter()
     x = fastddim.sample(model, n, steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size,
-                        device=device, progress=False)
+                        device=device, progress=False, **sample_kwargs)
     seconds = time.perf_counter() - t0
     calls = len(fastddim.info()["last_run"].get("timesteps", ())) or steps
     fd, hist = metrics.fd_and_histogram(x)

@@ -33,7 +33,7 @@ def evaluate(
     table2_n_long: int = 16, table2_long_from: int = 200, table2_variants: Sequence[str] | str = (),
     table2_variant_steps: Sequence[int] | str = (10, 20, 50), table2_refine: int = 1,
     table1_from: str | os.PathLike | None = None, command: str | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, solver: str = "ddim",
 ) -> dict[str, Any]:
     """Run the measurements; with any of table1/table2/figures, write ``out/paper_tables.md`` and its
     raw results ``out/paper_tables.json`` (both rewritten after every cell, so an interrupted run
@@ -47,7 +47,10 @@ def evaluate(
             (``steps``, default 50; ``eta``, default 0) and return its FD (mean, std over seeds).
         n: samples per Table 1 cell (and for the single setting); >= 2.
         seeds: a count k (seeds 0..k-1), a list of seeds, or a string "3" / "0,5,9".
-        spacing: Table 1 and the single setting ("quad" by default). Table 2 always uses "uniform".
+        spacing: Table 1 and the single setting ("quad" by default; "linspace" for solver
+            "dpm++2m"). Table 2 always uses "uniform".
+        solver: the single setting's sampler, "ddim" (default) or "dpm++2m" (DPM-Solver++(2M); eta
+            must stay 0). The tables and figures are the DDIM paper's: they refuse another solver.
         out: folder of the report, its JSON and the figures (default ``paper_eval``); made with its
             parents before the model is loaded (``fastddim.paths.output_folder``), refused when part
             of the path is a file.
@@ -74,7 +77,7 @@ def evaluate(
         eta=eta, spacing=spacing, out=out, batch_size=batch_size, table1_steps=table1_steps, table1_etas=table1_etas,
         table2_steps=table2_steps, table2_n=table2_n, table2_n_long=table2_n_long, table2_long_from=table2_long_from,
         table2_variants=table2_variants, table2_variant_steps=table2_variant_steps, table2_refine=table2_refine,
-        table1_from=table1_from)
+        table1_from=table1_from, solver=solver)
     loaded = results.load_table1(table1_from) if table1_from is not None else None
     if cfg.report:
         output_folder(cfg.out, "out")
@@ -170,12 +173,12 @@ def _run_single(model, cfg: Settings, device, log) -> dict:
     fds, hists = [], []
     for sd in cfg.seeds:
         c = measure.fd_of_setting(model, cfg.n, cfg.steps, cfg.eta, spacing=cfg.spacing, seed=sd,
-                                  batch_size=cfg.batch_size, device=device)
+                                  batch_size=cfg.batch_size, device=device, solver=cfg.solver)
         fds.append(c["fd"])
         hists.append(c["hist"])
         log(f"seed {sd}: FD {c['fd']:.3f}  ({c['seconds']:.1f} s, {c['evals'] / c['seconds']:.0f} evals/s)")
     m, s = tables.mean_std(fds)
-    single = {"n": cfg.n, "steps": cfg.steps, "eta": cfg.eta, "spacing": cfg.spacing, "seeds": cfg.seeds,
+    single = {"n": cfg.n, "steps": cfg.steps, "eta": cfg.eta, "spacing": cfg.spacing, "solver": cfg.solver, "seeds": cfg.seeds,
               "fd": fds, "mean": m, "std": s, "hist": hists}
     return {"report": None, "single": single, "seconds": time.perf_counter() - t0}
 

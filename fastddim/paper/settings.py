@@ -34,6 +34,7 @@ class Settings:
     t2_variant_n: int
     t2_refine: int
     table1_from: str | os.PathLike | None
+    solver: str = "ddim"
 
     @property
     def report(self) -> bool:
@@ -87,17 +88,24 @@ def _variants(v) -> list[str]:
 
 def check_settings(*, table1, table2, figures, n, seeds, steps, eta, spacing, out, batch_size, table1_steps,
                    table1_etas, table2_steps, table2_n, table2_n_long, table2_long_from, table2_variants,
-                   table2_variant_steps, table2_refine, table1_from) -> Settings:
+                   table2_variant_steps, table2_refine, table1_from, solver="ddim") -> Settings:
     """Every argument checked, before anything is loaded or sampled."""
-    from ..plan import SPACINGS
+    from ..engine import check_solver
+    from ..plan import DPM_SPACINGS, SPACINGS
 
     make_report = table1 or table2 or figures
     if make_report and (steps is not None or eta is not None):
         raise ValueError("--steps/--eta choose the single setting; they do not apply with --table1/--table2/--figures "
                          "(use --table1-steps/--table1-etas)")
-    spacing = "quad" if spacing is None else spacing
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    solver = check_solver(solver, 0.0 if eta is None else _eta(eta))
+    if make_report and solver != "ddim":
+        # Table 1's axis is eta, which the deterministic DPM solver does not have; Table 2 is DDIM inversion
+        raise ValueError(f"solver={solver!r}: the tables and figures are the DDIM paper's (Table 1 runs S x eta); "
+                         f"measure the solver as a single setting (--steps S --solver {solver})")
+    spacing = ("quad" if solver == "ddim" else "linspace") if spacing is None else spacing
+    allowed = SPACINGS if solver == "ddim" else DPM_SPACINGS
+    if spacing not in allowed:
+        raise ValueError(f"spacing must be one of {allowed} for solver {solver!r}, got {spacing!r}")
     etas = [_eta(e) for e in (table1_etas.split(",") if isinstance(table1_etas, str) else table1_etas)]
     if not etas:
         raise ValueError("table1_etas: expected at least one eta")
@@ -114,4 +122,4 @@ def check_settings(*, table1, table2, figures, n, seeds, steps, eta, spacing, ou
         t2_n_for={str(s): (table2_n if s < long_from else n_long) for s in t2_steps},
         t2_variants=variants, t2_variant_n=table2_n,
         t2_variant_steps=_ints("table2_variant_steps", table2_variant_steps, 1, 1000) if variants else [],
-        t2_refine=check_int("table2_refine", table2_refine, 0, 100), table1_from=table1_from)
+        t2_refine=check_int("table2_refine", table2_refine, 0, 100), table1_from=table1_from, solver=solver)

@@ -132,5 +132,6 @@ def single_summary(single: dict) -> str:
     and the class histogram of the first seed."""
     spread = "" if math.isnan(single["std"]) else f" ± {single['std']:.3f} over {len(single['seeds'])} seeds"
     return (f"FD to held-out MNIST (classifier features, not Inception FID): {single['mean']:.3f}{spread}  "
-            f"[n={single['n']}, S={single['steps']}, eta={eta_str(single['eta'])}, spacing={single['spacing']}]\n"
+            f"[n={single['n']}, S={single['steps']}, solver={single.get('solver', 'ddim')}, eta={eta_str(single['eta'])}, "
+            f"spacing={single['spacing']}]\n"
             f"class histogram (digits 0..9, seed {single['seeds'][0]}): {single['hist'][0]}")
