@@ -3,38 +3,27 @@ the plan cache, batching, generate, interpolate, invert's refusal, the graph lay
 diffusers' DPMSolverMultistepScheduler loop with a tiny random UNet2DModel.
 
 CPU: ``backend="torch"`` equals the diffusers loop bit for bit (torch.equal); the fused CPU
-backends (cpp, Triton under the interpreter) within 1e-4 relative of it. GPU (marked, strict
-graph=True): graph replay equals the eager loop, and the trajectory needs no host sync.
+backends (cpp, Triton under the interpreter) within 1e-4 relative of it. The GPU tests (strict
+graph=True) are in tests/test_graph.py.
 """
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
 
 import fastddim
-from fastddim import engine, graph
+from fastddim import engine
 from fastddim.dispatch import available_backends
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
+from test_dpm_solver import CONFIGS  # noqa: E402  (the issue's parity cells: one home, the reference's tests)
 
-gpu = pytest.mark.gpu
 SHAPE = (3, 8, 8)  # the tiny_unet fixture's samples
 SCHED = fastddim.Schedule.linear()
 CPU_FUSED = [b for b in ("cpp", "triton") if available_backends(torch.device("cpu"))[b] is None]
-
-# The issue's parity cells: diffusers config of each.
-CONFIGS = {
-    "eps-linear-linspace": dict(),
-    "scaled_linear-leading-offset1": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                          timestep_spacing="leading", steps_offset=1),
-    "v-zero_snr-trailing": dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"),
-    "thresholding": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5),
-    "karras": dict(use_karras_sigmas=True),
-}
 
 
 def diffusers_sample(sched, unet, S: int, x_T: torch.Tensor) -> torch.Tensor:
@@ -75,6 +64,19 @@ def test_sample_at_50_steps_equals_diffusers(tiny_unet):
         want = diffusers_sample(sched, tiny_unet, 50, z.clone())
     got = fastddim.sample(tiny_unet, steps=50, x_T=z, backend="torch", progress=False, **fastddim.from_diffusers(sched))
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("name", ["eps-linear-linspace", "v-zero_snr-trailing", "thresholding", "karras"])
+def test_fused_cpu_backends_within_1e4_of_diffusers(tiny_unet, name, backend):
+    sched = DPMSolverMultistepScheduler(**CONFIGS[name])
+    z = x_T()
+    with torch.no_grad():
+        want = diffusers_sample(sched, tiny_unet, 10, z.clone())
+    got = fastddim.sample(tiny_unet, steps=10, x_T=z, backend=backend, progress=False, **fastddim.from_diffusers(sched))
+    assert fastddim.info()["last_run"]["backend"] == backend
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-4, f"{backend} {name}: relative error {err:.3g}"
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -221,70 +223,3 @@ def test_generate_with_two_processes_equals_one(tmp_path):
     assert two.returncode == 0, two.stderr
     assert "2 process(es)" in two.stdout
     assert (tmp_path / "one" / "samples.npz").read_bytes() == (tmp_path / "two" / "samples.npz").read_bytes()
-
-
-# ----------------------------------------------------------------------------- GPU: the graph
-class ConvModel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.sample_shape, self.schedule = (3, 16, 16), SCHED
-        self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.b = torch.nn.Conv2d(16, 3, 3, padding=1)
-
-    def forward(self, x, t):
-        return self.b(torch.nn.functional.silu(self.a(x) + (t.to(x.dtype) / 1000).view(-1, 1, 1, 1)))
-
-
-@pytest.fixture
-def cuda_model():
-    torch.backends.cudnn.allow_tf32 = False  # tight parity (FACTS.md section 6)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    fastddim.clear_cache()
-    return ConvModel().cuda().eval()
-
-
-def strict(m, **kw):
-    """sample with graph=True; asserts a real captured CUDA graph served every batch."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        out = fastddim.sample(m, graph=True, progress=False, **kw)
-    last = fastddim.info()["last_run"]
-    assert last["graph"] is True and last["solver"] == "dpm++2m"
-    assert last["graph_replays"] == -(-kw["n"] // last["batch_size"])
-    graphs = [g for g in graph._CACHE.values() if isinstance(g, graph._Graph)]
-    assert graphs and all(isinstance(g.graph, torch.cuda.CUDAGraph) for g in graphs)
-    return out
-
-
-@gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("extra", [dict(), dict(use_karras_sigmas=True), dict(thresholding=True)])
-def test_graph_equals_eager(cuda_model, backend, extra):
-    kw = dict(n=10, steps=10, batch_size=4, backend=backend, solver="dpm++2m", seed=5, **extra)
-    got = strict(cuda_model, **kw)
-    want = fastddim.sample(cuda_model, graph=False, progress=False, **kw)
-    assert fastddim.info()["last_run"]["graph"] is False
-    assert torch.equal(got, want), f"max |diff| {(got - want).abs().max():.3g}"
-
-
-@gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_graph_within_1e4_of_the_torch_reference(cuda_model, backend):
-    kw = dict(n=4, steps=10, solver="dpm++2m", seed=1)
-    got = strict(cuda_model, backend=backend, **kw)
-    want = fastddim.sample(cuda_model, backend="torch", graph=False, progress=False, **kw)
-    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
-
-
-@gpu
-def test_graph_trajectory_needs_no_host_sync(cuda_model):
-    run = engine.prepare(cuda_model, 8, 10, batch_size=4, check_finite=False, solver="dpm++2m")
-    run.sample(graph=True)  # warm-up and capture happen here
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = run.sample(graph=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert out.shape == (8, 3, 16, 16) and run.graph_replays == 4

@@ -3,7 +3,7 @@
 CPU: graph= argument checks, what info() reports, and the cache's logic (strict/auto, cached
 failures, count and memory bounds, shared pools, letting go of a deleted model) with a stand-in
 for the CUDA graph. GPU (strict mode, asserting a graph was captured and replayed): graph ==
-eager for both fused backends, thresholding, per-sample model_kwargs, a new seed, partial batches,
+eager for both fused backends (DDIM and DPM-Solver++(2M)), thresholding, per-sample model_kwargs, a new seed, partial batches,
 compile + graph, no host sync, capture failure, a deleted model's graph freed."""
 import gc
 import warnings
@@ -267,6 +267,25 @@ def test_graph_equals_eager(model, eta, backend):
 
 
 @gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("extra", [dict(), dict(use_karras_sigmas=True), dict(thresholding=True, sample_max_value=1.5)])
+def test_dpm_solver_graph_equals_eager(model, backend, extra):
+    """DPM-Solver++(2M): each step's x0 (the next one's x0_prev) is made and read inside the graph."""
+    kw = dict(n=10, steps=10, batch_size=4, seed=5, backend=backend, solver="dpm++2m", **extra)
+    assert torch.equal(strict(model, **kw), eager(model, **kw))
+    assert fastddim.info()["last_run"]["solver"] == "dpm++2m"
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_dpm_solver_graph_within_1e4_of_the_torch_reference(model, backend):
+    kw = dict(n=4, steps=10, seed=1, solver="dpm++2m")
+    got, want = strict(model, backend=backend, **kw), eager(model, backend="torch", **kw)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-4, f"{backend}: relative error {err:.3g}"
+
+
+@gpu
 def test_default_on_cuda_is_the_graph(model):
     fastddim.sample(model, n=4, steps=3, progress=False)
     assert fastddim.info()["last_run"]["graph"] is True
@@ -333,8 +352,9 @@ def test_compile_plus_graph_within_bf16_tolerance(model):
 
 
 @gpu
-def test_no_host_sync_in_the_loop(model):
-    run = engine.prepare(model, 16, 8, eta=1.0, batch_size=8, check_finite=False)
+@pytest.mark.parametrize("how", [dict(eta=1.0), dict(solver="dpm++2m")])
+def test_no_host_sync_in_the_loop(model, how):
+    run = engine.prepare(model, 16, 8, batch_size=8, check_finite=False, **how)
     run.sample(graph=True)  # capture (and its warm-up) happen here
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
