@@ -97,23 +97,22 @@ void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& tab
   a.s = clip == kClipThreshold ? s->data_ptr<float>() : nullptr;
   a.prev = x_prev.data_ptr<float>();
   a.x0 = x0 ? x0->data_ptr<float>() : nullptr;
-  a.x0_prev = solver == kSolverDpm2 ? x0_prev->data_ptr<float>() : nullptr;
   a.low = x_low ? x_low->data_ptr() : nullptr;
   a.low_dtype = x_low ? dtype_code(*x_low) : kNone;
   a.batch = x.size(0);
   a.numel = a.batch ? x.numel() / a.batch : 0;
   a.pred = static_cast<int>(pred);
   a.clip = static_cast<int>(clip);
-  a.solver = static_cast<int>(solver);
   a.clip_range = static_cast<float>(clip_range);
   a.clipped_eps = clipped_eps;
   a.sigma_hat = sigma_hat;
   a.noise = noise;
-  if (x.is_cpu()) return ddim_step_cpu(a);
+  const SolverArgs sv{static_cast<int>(solver), solver == kSolverDpm2 ? x0_prev->data_ptr<float>() : nullptr};
+  if (x.is_cpu()) return ddim_step_cpu(a, sv);
 #ifdef FASTDDIM_WITH_CUDA
   if (x.is_cuda()) {
     const c10::cuda::CUDAGuard guard(x.device());
-    return ddim_step_cuda(a);
+    return ddim_step_cuda(a, sv);
   }
 #endif
   TORCH_CHECK(false, "ddim_step: no kernel for device ", x.device(), " in this build (cuda built: ", FASTDDIM_CUDA_BUILT, ")");

@@ -28,14 +28,21 @@ struct StepArgs {
   const int64_t* rng;
   const float* s;  // (B,) dynamic-thresholding scales when clip == kClipThreshold
   float* prev;
-  float* x0;       // nullptr: not written (always written by the DPM solver codes)
-  const float* x0_prev;  // the previous step's x0, read by kSolverDpm2 only (else nullptr)
+  float* x0;       // nullptr: not written (the DPM solver codes always write it)
   void* low;       // nullptr: not written
   int low_dtype;
   int64_t batch, numel;  // numel per sample
-  int pred, clip, solver;
+  int pred, clip;
   float clip_range;
   bool clipped_eps, sigma_hat, noise;
+};
+
+// The solver's own arguments, apart from StepArgs: a larger StepArgs (a CUDA kernel parameter, by
+// value) changed the DDIM kernels' registers (nvcc 13, sm_90: 43-45 -> 48 and other spills); an
+// extra kernel parameter does not.
+struct SolverArgs {
+  int solver;            // kSolverDdim, kSolverDpm1, kSolverDpm2
+  const float* x0_prev;  // the previous step's x0, read by kSolverDpm2 only (else nullptr)
 };
 
 struct Coefs {
@@ -83,6 +90,7 @@ FASTDDIM_HD float clip_x0(float x0, const Mode& m) { return (x0 < m.lo ? m.lo : 
 // and selected, so the loop has no control flow; each expression rounds as its torch op does.
 template <int PRED>
 FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, const Mode& m, float& x0) {
+  x0 = predict_x0<PRED>(x, o, c.sqrt_a, c.sqrt_1ma);
   float eps;
   if (PRED == kEpsilon) {
     eps = o;
@@ -91,7 +99,9 @@ FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, const Mode& m, flo
   } else {
     eps = c.sqrt_a * o + c.sqrt_1ma * x;
   }
-  x0 = clip_x0(predict_x0<PRED>(x, o, c.sqrt_a, c.sqrt_1ma), m);
+  // clip_x0 written out: through the helper nvcc 13 allocates the fp32 'sample' CUDA kernel's
+  // registers differently (46 instead of 40); this keeps the DDIM kernels as they were.
+  x0 = (x0 < m.lo ? m.lo : (x0 > m.hi ? m.hi : x0)) / m.div;
   const float eps_clipped = (x - c.sqrt_a * x0) / c.sqrt_1ma;
   eps = m.clipped_eps ? eps_clipped : eps;
   const float ddim = c.c_x0 * x0 + c.c_eps * eps;
@@ -109,7 +119,7 @@ FASTDDIM_HD float dpm_step(float x, float o, float x0_prev, const DpmCoefs& c, c
   return SECOND ? a - c.c_d1 * (c.r_inv * (x0 - x0_prev)) : a;
 }
 
-void ddim_step_cpu(const StepArgs& a);
+void ddim_step_cpu(const StepArgs& a, const SolverArgs& sv);
 void normal_cpu(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step);
 void philox_cpu(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed);
 // The CPU noise paths, by level: the portable scalar one, AVX2+FMA (8 Philox groups at a time),
@@ -123,7 +133,7 @@ int cpu_simd_level(const char* name);
 // FASTDDIM_CPU_SIMD's when that was set as fastddim._C loaded.
 const char* cpu_simd(int level);
 #ifdef FASTDDIM_WITH_CUDA
-void ddim_step_cuda(const StepArgs& a);
+void ddim_step_cuda(const StepArgs& a, const SolverArgs& sv);
 void normal_cuda(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step);  // rng on the device
 void philox_cuda(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed);
 #endif

@@ -504,7 +504,7 @@ void step_loop(const StepArgs& a) {
 // The DPM-Solver++(2M) step: no noise, so a plain loop over the chunks that the compiler
 // vectorises; x0 always written (it is the next step's x0_prev). 16-20 B per element at fp32.
 template <typename OutT, int PRED, bool SECOND>
-void dpm_loop(const StepArgs& a) {
+void dpm_loop(const StepArgs& a, const float* x0_prev) {
   const float* row = a.table + a.j * 6;
   const DpmCoefs c{row[0], row[1], row[2], row[3], row[4], row[5]};
   const int64_t n = a.numel;
@@ -513,7 +513,7 @@ void dpm_loop(const StepArgs& a) {
     const int64_t e0 = 4 * g0, len = std::min(n, 4 * g1) - e0, base = b * n + e0;
     const float* __restrict__ x = a.x + base;
     const OutT* __restrict__ o = out + base;
-    const float* __restrict__ xp = SECOND ? a.x0_prev + base : nullptr;
+    const float* __restrict__ xp = SECOND ? x0_prev + base : nullptr;
     float* __restrict__ prev = a.prev + base;
     float* __restrict__ x0 = a.x0 + base;
     const Mode m = sample_mode(a, b);
@@ -527,9 +527,9 @@ void dpm_loop(const StepArgs& a) {
 }
 
 template <typename OutT, int PRED>
-void step_flags(const StepArgs& a) {
-  if (a.solver == kSolverDpm2) return dpm_loop<OutT, PRED, true>(a);
-  if (a.solver == kSolverDpm1) return dpm_loop<OutT, PRED, false>(a);
+void step_flags(const StepArgs& a, const SolverArgs& sv) {
+  if (sv.solver == kSolverDpm2) return dpm_loop<OutT, PRED, true>(a, sv.x0_prev);
+  if (sv.solver == kSolverDpm1) return dpm_loop<OutT, PRED, false>(a, nullptr);
   if (a.noise) {
     a.x0 ? step_loop<OutT, PRED, true, true>(a) : step_loop<OutT, PRED, true, false>(a);
   } else {
@@ -538,21 +538,21 @@ void step_flags(const StepArgs& a) {
 }
 
 template <typename OutT>
-void step_pred(const StepArgs& a) {
+void step_pred(const StepArgs& a, const SolverArgs& sv) {
   switch (a.pred) {
-    case kEpsilon: return step_flags<OutT, kEpsilon>(a);
-    case kSample: return step_flags<OutT, kSample>(a);
-    default: return step_flags<OutT, kVPrediction>(a);
+    case kEpsilon: return step_flags<OutT, kEpsilon>(a, sv);
+    case kSample: return step_flags<OutT, kSample>(a, sv);
+    default: return step_flags<OutT, kVPrediction>(a, sv);
   }
 }
 
 }  // namespace
 
-void ddim_step_cpu(const StepArgs& a) {
+void ddim_step_cpu(const StepArgs& a, const SolverArgs& sv) {
   switch (a.out_dtype) {
-    case kF32: return step_pred<float>(a);
-    case kBF16: return step_pred<c10::BFloat16>(a);
-    default: return step_pred<c10::Half>(a);
+    case kF32: return step_pred<float>(a, sv);
+    case kBF16: return step_pred<c10::BFloat16>(a, sv);
+    default: return step_pred<c10::Half>(a, sv);
   }
 }
 

@@ -41,7 +41,7 @@ __device__ __forceinline__ void load4(const float* p, int64_t base, int cnt, flo
 }
 
 template <typename OutT, int PRED, bool VEC, int SOLVER>
-__global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
+__global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a, const float* __restrict__ x0_prev) {
   const float* row = a.table + a.j * 6;
   const Coefs c{__ldg(row), __ldg(row + 1), __ldg(row + 2), __ldg(row + 3), __ldg(row + 4), __ldg(row + 5)};
   const int64_t n = a.numel, groups = (n + 3) / 4, total = a.batch * groups;
@@ -72,19 +72,20 @@ __global__ void __launch_bounds__(kThreads) _ddim_step_kernel(StepArgs a) {
         }
       }
     }
-    const Mode m = sample_mode(a, b);
     Pack4<float> pv, x0v;
     if (SOLVER == kSolverDdim) {
       float z[4] = {0.f, 0.f, 0.f, 0.f};
       if (a.noise) gaussian4(seed, static_cast<uint32_t>(g), static_cast<uint32_t>(first + b), step, z);
+      const Mode m = sample_mode(a, b);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const float v = step_mean<PRED>(xv[k], ov[k], c, m, x0v.v[k]);
         pv.v[k] = a.noise ? v + c.sigma * z[k] : v;
       }
     } else {
+      const Mode m = sample_mode(a, b);
       float pp[4] = {0.f, 0.f, 0.f, 0.f};
-      if (SOLVER == kSolverDpm2) load4<VEC>(a.x0_prev, base, cnt, pp);
+      if (SOLVER == kSolverDpm2) load4<VEC>(x0_prev, base, cnt, pp);
       const DpmCoefs d = dpm_coefs(c);
 #pragma unroll
       for (int k = 0; k < 4; ++k) pv.v[k] = dpm_step<PRED, SOLVER == kSolverDpm2>(xv[k], ov[k], pp[k], d, m, x0v.v[k]);
@@ -143,45 +144,45 @@ int blocks_for(int64_t work) {
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename OutT, int PRED, int SOLVER>
-void launch(const StepArgs& a) {
+void launch(const StepArgs& a, const float* x0_prev) {
   const int64_t total = a.batch * ((a.numel + 3) / 4);
   const bool vec = a.numel % 4 == 0 && aligned16(a.x) && aligned16(a.prev) && aligned16(a.x0) &&
-                   aligned16(a.x0_prev) && reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(OutT)) == 0;
+                   aligned16(x0_prev) && reinterpret_cast<uintptr_t>(a.out) % (4 * sizeof(OutT)) == 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (vec) {
-    _ddim_step_kernel<OutT, PRED, true, SOLVER><<<blocks_for(total), kThreads, 0, stream>>>(a);
+    _ddim_step_kernel<OutT, PRED, true, SOLVER><<<blocks_for(total), kThreads, 0, stream>>>(a, x0_prev);
   } else {
-    _ddim_step_kernel<OutT, PRED, false, SOLVER><<<blocks_for(total), kThreads, 0, stream>>>(a);
+    _ddim_step_kernel<OutT, PRED, false, SOLVER><<<blocks_for(total), kThreads, 0, stream>>>(a, x0_prev);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename OutT, int PRED>
-void launch_solver(const StepArgs& a) {
-  switch (a.solver) {
-    case kSolverDpm1: return launch<OutT, PRED, kSolverDpm1>(a);
-    case kSolverDpm2: return launch<OutT, PRED, kSolverDpm2>(a);
-    default: return launch<OutT, PRED, kSolverDdim>(a);
+void launch_solver(const StepArgs& a, const SolverArgs& sv) {
+  switch (sv.solver) {
+    case kSolverDpm1: return launch<OutT, PRED, kSolverDpm1>(a, nullptr);
+    case kSolverDpm2: return launch<OutT, PRED, kSolverDpm2>(a, sv.x0_prev);
+    default: return launch<OutT, PRED, kSolverDdim>(a, nullptr);
   }
 }
 
 template <typename OutT>
-void launch_pred(const StepArgs& a) {
+void launch_pred(const StepArgs& a, const SolverArgs& sv) {
   switch (a.pred) {
-    case kEpsilon: return launch_solver<OutT, kEpsilon>(a);
-    case kSample: return launch_solver<OutT, kSample>(a);
-    default: return launch_solver<OutT, kVPrediction>(a);
+    case kEpsilon: return launch_solver<OutT, kEpsilon>(a, sv);
+    case kSample: return launch_solver<OutT, kSample>(a, sv);
+    default: return launch_solver<OutT, kVPrediction>(a, sv);
   }
 }
 
 }  // namespace
 
-void ddim_step_cuda(const StepArgs& a) {
+void ddim_step_cuda(const StepArgs& a, const SolverArgs& sv) {
   if (a.batch * a.numel == 0) return;
   switch (a.out_dtype) {
-    case kF32: return launch_pred<float>(a);
-    case kBF16: return launch_pred<c10::BFloat16>(a);
-    default: return launch_pred<c10::Half>(a);
+    case kF32: return launch_pred<float>(a, sv);
+    case kBF16: return launch_pred<c10::BFloat16>(a, sv);
+    default: return launch_pred<c10::Half>(a, sv);
   }
 }
 
