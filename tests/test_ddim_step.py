@@ -578,3 +578,23 @@ def test_gpu_graph_replays_with_new_seed(backend):
         graph.replay()
         want, _ = reference_step(plan, x, out, 2, seed, first)
         assert_close(captured.clone(), want, 4e-5, 4e-5, f"graph replay seed={seed} first={first}")
+
+
+# The DPM-Solver++ variants on the GPU, few of them (each Triton variant is a compilation): fp32,
+# every prediction type, both solver codes (every step of the plan) on the two size classes; v with
+# thresholding; bf16 on the size that is not a multiple of 16. Tolerances as the DDIM GPU cases
+# (FMA contraction on values up to ~100).
+@pytest.mark.gpu
+@pytest.mark.parametrize("pred,clip", [(p, "none") for p in PREDS] + [("v_prediction", "threshold")])
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_dpm_step_matches_reference(backend, pred, clip):
+    plan = dpm_plan(pred, clip)
+    for shape in (GPU_SHAPES["not16"], GPU_SHAPES["16"]):
+        check_dpm_against_reference(backend, plan, shape, torch.float32, 4e-5, 4e-5, range(DPM_S), device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_dpm_step_bf16(backend):
+    check_dpm_against_reference(backend, dpm_plan("epsilon", "clip"), GPU_SHAPES["not16"], torch.bfloat16,
+                                4e-5, 4e-5, range(DPM_S), device="cuda")
