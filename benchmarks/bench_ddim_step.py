@@ -19,6 +19,13 @@ fused C++ step with noise (fp32 model output, eta = 1, as make_step runs it, all
 Each row also times PAIRS interleaved (row, torch.randn) pairs for a ratio robust to the
 neighbours' load; the run ends with the bars: the fused step no slower than torch.randn alone,
 the reference noise within 10x of it.
+
+test_dpm_vs_ddim (CPU, one thread, 1024x3x32x32, fp32 model output): the DPM-Solver++(2M) step
+(first and second order, C++, and the torch reference's second order) against the C++ DDIM step
+at eta = 0, each as the engine runs it (DDIM with need_x0=False: 12 B per element; DPM reading
+x0_prev and writing x0: 16 B first order, 20 B second order), each row also in DPM_PAIRS
+interleaved (row, DDIM step) pairs; the bar: the second-order step within 1.3x of the DDIM step
+(paired median).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import torch
 
 from fastddim import _ops, noise
 from fastddim.dispatch import available_backends, make_step
-from fastddim.plan import make_plan
+from fastddim.plan import make_dpm_plan, make_plan
 from fastddim.schedule import Schedule
 from machine import versions
 
@@ -209,6 +216,25 @@ def _write_noise_bars(w, base: dict) -> None:
               f"<= {bound:g}x: {verdict}")
 
 
+def _time_with_pairs(benchmark, call, base, rounds: int, pairs: int = PAIRS) -> list[float]:
+    """Times call with benchmark (after a warm-up: first touch of the buffers), then ``pairs``
+    interleaved (call, base) pairs; returns each pair's time ratio call / base."""
+    call()
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        base()
+        ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    return ratios
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 @pytest.mark.parametrize("row", NOISE_ROWS)
 def test_noise_vs_randn(benchmark, noise_bars, row):
     call, simd = _noise_call(row)
@@ -224,24 +250,82 @@ def test_noise_vs_randn(benchmark, noise_bars, row):
             active = C.cpu_simd()  # the path that ran (the default SIMD one may be avx512 or avx2)
         torch.set_num_threads(1)
         with torch.inference_mode():
-            call()  # warm-up: first touch of the buffers
-            rounds = 5 if row == "reference" else 15
-            benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
-            ratios = []
-            for _ in range(PAIRS):
-                t0 = time.perf_counter()
-                call()
-                t1 = time.perf_counter()
-                torch.randn(NOISE_SHAPE)
-                ratios.append((t1 - t0) / (time.perf_counter() - t1))
+            ratios = _time_with_pairs(benchmark, call, lambda: torch.randn(NOISE_SHAPE), 5 if row == "reference" else 15)
     finally:
         torch.set_num_threads(saved)
         if C is not None:
             C.cpu_simd(saved_simd)
-    paired = sorted(ratios)[len(ratios) // 2]
+    paired = _median(ratios)
     benchmark.extra_info.update(
         row=row, shape=list(NOISE_SHAPE), cpu_simd=active,
         paired_ratios_vs_randn=[round(r, 3) for r in ratios], paired_ratio_vs_randn=round(paired, 3), **versions(),
     )
     benchmark.extra_info["threads"] = 1
     noise_bars[row] = {"median": benchmark.stats.stats.median, "paired": paired, "extra_info": benchmark.extra_info}
+
+
+# ------------------------------------------------------- the DPM-Solver++ step against the DDIM step
+DPM_SHAPE = NOISE_SHAPE
+DPM_ROWS = ["ddim-cpp-eta0", "dpm1-cpp", "dpm2-cpp", "dpm2-torch"]
+DPM_BAR = 1.3  # the second-order step against the DDIM step: one more read and one more write
+DPM_PAIRS = 21  # more than the noise rows' 7: the two steps differ by tens of percent, not times
+_DPM: dict[str, dict] = {}  # row -> {"median", "paired"}, for the closing bar
+
+
+def _step_call(row: str):
+    """The timed call of one row: a step of (1024, 3, 32, 32) fp32 as the engine runs it."""
+    backend = row.rsplit("-", 1)[1] if row.startswith("dpm") else "cpp"
+    reason = available_backends(torch.device("cpu"))[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(0)
+    x, out, x0_prev = (torch.randn(DPM_SHAPE, generator=g) for _ in range(3))
+    if row.startswith("ddim"):
+        step = make_step(backend, make_plan(SCHEDULE, 10, eta=0.0), 1, need_x0=False)
+        return lambda: step(x, out, 3, 0)
+    plan = make_dpm_plan(SCHEDULE, 10)
+    j = 0 if row.startswith("dpm1") else 3
+    assert plan.orders[j] == int(row[3])
+    step = make_step(backend, plan, 1, need_x0=True)
+    return lambda: step(x, out, j, None, x0_prev)
+
+
+@pytest.fixture(scope="module")
+def dpm_bar(request):
+    """Writes the DPM rows' ratios and the bar once this module's DPM rows have run."""
+    yield _DPM
+    base = _DPM.get("ddim-cpp-eta0")
+    if base is None:
+        return
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        w = reporter.write_line
+        w("")
+        w(f"DPM-Solver++(2M) step vs the DDIM step (cpp, eta 0, {base['median'] * 1e3:.2f} ms), one thread, "
+          f"{'x'.join(map(str, DPM_SHAPE))}, fp32 model output, from the medians and from {DPM_PAIRS} interleaved pairs:")
+        for row, info in _DPM.items():
+            w(f"  {row:<14} {info['median'] * 1e3:8.2f} ms  {info['median'] / base['median']:6.2f}x  paired {info['paired']:.2f}x")
+        if "dpm2-cpp" in _DPM:
+            r = _DPM["dpm2-cpp"]
+            verdict = "met" if r["paired"] <= DPM_BAR else "MISSED"
+            w(f"  bar: second-order DPM step (cpp) within {DPM_BAR}x of the DDIM step: {r['paired']:.2f}x (paired), "
+              f"{r['median'] / base['median']:.2f}x (medians); {verdict}")
+
+
+@pytest.mark.parametrize("row", DPM_ROWS)
+def test_dpm_vs_ddim(benchmark, dpm_bar, row):
+    call, ddim = _step_call(row), _step_call("ddim-cpp-eta0")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            ratios = _time_with_pairs(benchmark, call, ddim, 3 if row.endswith("torch") else 15, DPM_PAIRS)
+    finally:
+        torch.set_num_threads(saved)
+    paired = _median(ratios)
+    benchmark.extra_info.update(
+        row=row, shape=list(DPM_SHAPE), paired_ratios_vs_ddim=[round(r, 3) for r in ratios],
+        paired_ratio_vs_ddim=round(paired, 3), **versions(),
+    )
+    benchmark.extra_info["threads"] = 1
+    dpm_bar[row] = {"median": benchmark.stats.stats.median, "paired": paired}
