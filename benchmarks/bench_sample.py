@@ -6,7 +6,9 @@
 
 Each row is one contender on one cell (model, n, S, eta, intra-op threads); the contenders of a
 cell run one after the other, so they see the same machine. Models: `cheap` (eps = 0.1 x as an
-nn.Module, 3x32x32: the sampler's own cost), `mnist` (fastddim.pretrained(), 1x32x32),
+nn.Module, 3x32x32: the sampler's own cost), `cheap-dpm` (the same model sampled with
+DPM-Solver++(2M): diffusers' DPMSolverMultistepScheduler loop against fastddim.sample with
+**from_diffusers of it; eager rows only, the bar (c)), `mnist` (fastddim.pretrained(), 1x32x32),
 `cifar10d` (diffusers UNet2DModel in the DDPM CIFAR-10 configuration, random weights, 35.7M
 parameters), `cifar10` (fastddim's UNet("cifar10"), random weights; CUDA only). Contenders:
   diffusers-eager        DDIMScheduler loop over the module as loaded: set_timesteps(S), x_T from
@@ -70,7 +72,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastdd
 
 try:
     import diffusers
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 except ImportError:  # the benchmark needs it; the library never imports it
     diffusers = None
 
@@ -108,8 +110,9 @@ def model_setup(name: str, device: str):
     fastddim's defaults (their own schedule, no clipping), so fastddim's row uses no kwargs.
     """
     torch.manual_seed(SEED)
-    if name == "cheap":
-        sched = DDIMScheduler(clip_sample=False)
+    if name in ("cheap", "cheap-dpm"):
+        # cheap-dpm: DPM-Solver++(2M), diffusers' DPMSolverMultistepScheduler defaults, on both sides
+        sched = DDIMScheduler(clip_sample=False) if name == "cheap" else DPMSolverMultistepScheduler()
         kw = dict(fastddim.from_diffusers(sched), shape=(3, 32, 32), device=device)  # no parameters to say where
         return Cheap().to(device), (3, 32, 32), sched, kw, None
     if name == "mnist":
@@ -167,6 +170,8 @@ for _thr in BAR_THREADS:
     BARS[(("cpu", "cheap", 1024, 20, 0.0, _thr), "fastddim-eager")] = (f"(a) cheap model, n=1024, S=20, eta=0, {_t}", 2.0)
     BARS[(("cpu", "mnist", 64, 10, 0.0, _thr), "fastddim-eager")] = (
         f"(b) fastddim.sample(fastddim.pretrained(), n=64, steps=10), defaults, {_t}", 2.0)
+    BARS[(("cpu", "cheap-dpm", 1024, 20, 0.0, _thr), "fastddim-eager")] = (
+        f"(c) DPM-Solver++(2M) against DPMSolverMultistepScheduler, cheap model, n=1024, S=20, {_t}", 3.0)
 PAIRS = 7  # interleaved (diffusers-eager, fastddim) pairs in a bar cell: a paired ratio robust to drift
 
 # Rows left out on the CPU, with the reason pytest prints (-rs). Compiling a U-Net at a new shape
@@ -195,6 +200,8 @@ def _cells():
         for threads in CPU_THREADS:
             for contender in CPU_CONTENDERS:
                 out.append(((*c, threads), contender))
+    for threads in CPU_THREADS:  # the DPM solver's bar cell: the eager loops (the sampler's own cost)
+        out += [(("cpu", "cheap-dpm", 1024, 20, 0.0, threads), c) for c in (BASELINE, "fastddim-eager")]
     # The bar cells also at every core (torch's default), eager contenders: what a user gets by default.
     for cell, _ in BARS.items():
         if cell[0][5] not in CPU_THREADS:
@@ -204,7 +211,7 @@ def _cells():
     diag = {"cheap": "fastddim-nocheck", "mnist": "fastddim-bf16"}
     for i in range(len(out) - 1, -1, -1):
         cell, contender = out[i]
-        if contender == "fastddim-eager" and (cell, contender) in BARS:
+        if contender == "fastddim-eager" and (cell, contender) in BARS and cell[1] in diag:
             out.insert(i + 1, (cell, diag[cell[1]]))
     if CUDA:
         for model in ("cifar10d", "cifar10", "mnist", "cheap"):
@@ -359,11 +366,13 @@ def _rounds(seconds: float, device: str) -> int:
 
 # ----------------------------------------------------------------------------------- contenders
 def diffusers_loop(model, sched, n: int, S: int, eta: float, shape, device: str, dtype, x_T=None, first_call=None):
-    """The plain DDIMScheduler loop as a diffusers user writes it (DDIMPipeline's body).
+    """The plain scheduler loop as a diffusers user writes it (DDIMPipeline's body): DDIMScheduler,
+    or DPMSolverMultistepScheduler (deterministic: no eta; x_T * init_noise_sigma, which is 1).
 
     The state lives in the model's dtype, as in DDIMPipeline. ``first_call``: a list that gets the
     seconds of the first model call (the compile, for a compiled model).
     """
+    step_kw = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
     g = torch.Generator(device).manual_seed(SEED)
     sched.set_timesteps(S)
     x = torch.randn((n, *shape), generator=g, device=device, dtype=dtype) if x_T is None else x_T.to(device, dtype)
@@ -377,7 +386,7 @@ def diffusers_loop(model, sched, n: int, S: int, eta: float, shape, device: str,
             else:
                 out = model(x, t)
             out = out.sample if hasattr(out, "sample") else out
-            x = sched.step(out, t, x, eta=eta, generator=g).prev_sample
+            x = sched.step(out, t, x, generator=g, **step_kw).prev_sample
     _sync(device)
     return x
 
@@ -546,7 +555,7 @@ def _run(benchmark, record_median, cell, contender):
 
     # The floor: S x batches x one forward as this contender calls it (U-Nets only: the cheap
     # model's forward is one elementwise pass, so the ratio would only restate the sampler's cost).
-    if name != "cheap":
+    if not name.startswith("cheap"):
         fw = forward_alone(cell, contender)
         fw["overhead"] = round(median / fw["floor_seconds"] - 1, 4)
         info.update(fw)
