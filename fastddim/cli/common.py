@@ -95,17 +95,17 @@ def add_common(p: argparse.ArgumentParser, *, steps_default: int = 10, latents: 
     a --latents file records (None here, resolved by the command); ``threads_note`` ends --threads' help.
     ``solver``: --solver and --karras too, and --spacing defaults to the solver's (``solver_kwargs``)."""
     also = ", or what --latents records" if latents else ""
+    default = f"uniform{also}"
     if solver:
         add_solver(p)
-        also += " with --solver ddim; linspace with dpm++2m, as diffusers"
+        default = f"with --solver ddim: {default}; with dpm++2m: linspace, as diffusers"
     p.add_argument("--model", metavar="NAME|PATH|MODULE:ATTR", default=None,
                    help="packaged model name (default: mnist), a checkpoint from 'fastddim train', "
                         "or module:attr / file.py:attr naming a model or a factory")
     p.add_argument("--steps", "-S", type=positive_int, default=None if latents else steps_default,
-                   help=f"number of steps S = model calls per image (default {steps_default}"
-                        f"{', or what --latents records' if latents else ''})")
+                   help=f"number of steps S = model calls per image (default {steps_default}{also})")
     p.add_argument("--spacing", choices=SPACINGS, default=None if latents or solver else "uniform",
-                   help=f"which timesteps the S steps visit (default uniform{also}; the paper's CIFAR-10 numbers "
+                   help=f"which timesteps the S steps visit (default {default}; the paper's CIFAR-10 numbers "
                         "use quad)")
     p.add_argument("--batch-size", "-b", type=positive_int, default=None,
                    help="images per model call (results do not depend on it)")
