@@ -117,8 +117,9 @@ def test_plan_cache_keys_on_the_solver():
     assert karras.timesteps != linspace.timesteps and karras.sigmas[1:] != linspace.sigmas[1:]
 
 
-def test_batch_invariance():
-    kw = dict(steps=6, shape=SHAPE, schedule=SCHED, backend="torch", progress=False, solver="dpm++2m")
+@pytest.mark.parametrize("backend", ["torch", *CPU_FUSED])
+def test_batch_invariance(backend):
+    kw = dict(steps=6, shape=SHAPE, schedule=SCHED, backend=backend, progress=False, solver="dpm++2m")
     alone = fastddim.sample(rowwise, n=3, first_index=2, **kw)
     in_one = fastddim.sample(rowwise, n=8, batch_size=8, **kw)[2:5]
     in_many = fastddim.sample(rowwise, n=8, batch_size=3, **kw)[2:5]  # 2..4 split over two batches, one padded
