@@ -1,5 +1,5 @@
 """DPM-Solver++(2M) through the engine: ``fastddim.sample(..., solver="dpm++2m")`` (prepare/Run,
-the plan cache, batching, generate, interpolate, invert's refusal, the graph layer), against
+the plan cache, batching, generate, interpolate, invert's refusal, the CLI's options), against
 diffusers' DPMSolverMultistepScheduler loop with a tiny random UNet2DModel.
 
 CPU: ``backend="torch"`` equals the diffusers loop bit for bit (torch.equal); the fused CPU
