@@ -30,9 +30,10 @@ def info() -> dict[str, Any]:
 
     Returns a dict: ``version``, ``torch``, ``backends`` (name -> None if usable on the CPU /
     the current CUDA device, else why not), ``last_run`` (backend, device, timesteps, n,
-    batch_size, dtype, compile mode and compile seconds, memory format, graph (True only when a
-    captured CUDA graph replayed) and graph_replays (batches it served), seconds of the last
-    ``sample``/``invert`` call).
+    batch_size, dtype, solver, compile mode and compile seconds, memory format with
+    memory_format_reason / probe_ms / copy_bytes (copies.choose_layout's decision and what the
+    model copy costs), graph (True only when a captured CUDA graph replayed), graph_replays
+    (batches it served) and capture_seconds, seconds of the last ``sample``/``invert`` call).
     """
     from . import __version__
     from .dispatch import available_backends
@@ -118,7 +119,8 @@ def sample(
         eta: 0 for DDIM (deterministic), 1 for DDPM on the strided chain, any value >= 0 between
             and beyond, or ``"sigma_hat"`` for the paper's larger-variance DDPM.
         schedule: the training schedule; default ``model.schedule``.
-        spacing: ``"uniform"`` (default), ``"quad"``, ``"leading"``, ``"trailing"``, ``"linspace"``
+        spacing: ``"uniform"`` (DDIM's default; ``"linspace"`` is ``solver="dpm++2m"``'s), ``"quad"``,
+            ``"leading"``, ``"trailing"``, ``"linspace"``
             or an explicit strictly decreasing sequence of timesteps (see ``fastddim.plan.timesteps``;
             ``fastddim.paper_timesteps`` gives the paper code's own).
         shape: the shape of one sample, default ``model.sample_shape`` or the diffusers config.
