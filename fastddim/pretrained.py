@@ -31,8 +31,8 @@ __all__ = ["pretrained", "load_model", "load_checkpoint", "Checkpoint", "KNOWN",
 
 FORMAT = "fastddim-checkpoint-1"
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-# name -> file in fastddim/weights/. "mnist-cond" (the "mnist-cond" U-Net preset, for guidance) has
-# no weights file yet: docs/training.md gives the command that trains it.
+# name -> file in fastddim/weights/ (how each was trained: docs/training.md). "mnist-cond" is the
+# "mnist-cond" U-Net preset (conditioned on the digit, with a null label), for guidance.
 KNOWN = {"mnist": "mnist.safetensors", "mnist-cond": "mnist-cond.safetensors"}
 
 # Schedules a checkpoint may name; rebuilt from (kind, T) and checked against the stored hash.
