@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "ddim_step", "normal_", "rng_state", "seed_bits", "extension", "extension_error", "BUILD_HINT",
     "PRED_CODES", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD", "SOLVER_DDIM", "SOLVER_DPM1", "SOLVER_DPM2",
+    "GUIDE_NONE", "GUIDE_CFG", "GUIDE_CFGPP", "rescale_ratio",
 ]
 
 # The kernels' codes, as csrc/ddim_step.h's Pred and Clip enums (kernels/ddim_step.py uses these).
@@ -23,6 +24,9 @@ PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
 # csrc/ddim_step.h's Solver: DDIM; DPM-Solver++(2M) first order; second order (reads x0_prev).
 SOLVER_DDIM, SOLVER_DPM1, SOLVER_DPM2 = 0, 1, 2
+# csrc/ddim_step.h's Guide: no guidance; classifier-free guidance (combine, optional rescale by a
+# per-sample ratio); CFG++ (x0 from the combined output, eps from the unconditional one).
+GUIDE_NONE, GUIDE_CFG, GUIDE_CFGPP = 0, 1, 2
 FUSED_BACKENDS = ("triton", "cpp", "cuda")
 
 BUILD_HINT = (
@@ -155,6 +159,30 @@ def _check_solver(x, x0_prev, solver, need_x0, ddim_options) -> None:
                          f"{None if x0_prev is None else (x0_prev.dtype, tuple(x0_prev.shape), str(x0_prev.device))}")
 
 
+def _check_guide(x, out, out_uncond, guide, ratio, solver, clipped_eps, sigma_hat) -> None:
+    """The guidance arguments, as csrc/bindings.cpp's check_guide: a guided step reads out_uncond
+    (out's shape, dtype and device); ratio (B,) fp32 (the rescale) with GUIDE_CFG only; CFG++ is a
+    DDIM update whose direction is the unconditional eps (no clipped_eps, no sigma_hat)."""
+    if guide not in (GUIDE_NONE, GUIDE_CFG, GUIDE_CFGPP):
+        raise ValueError(f"ddim_step: guide must be 0 (none), 1 (cfg) or 2 (cfg++), got {guide}")
+    if guide == GUIDE_NONE:
+        if out_uncond is not None or ratio is not None:
+            raise ValueError("ddim_step: out_uncond and ratio are read by a guided step only (guide=0)")
+        return
+    if out_uncond is None or out_uncond.shape != out.shape or out_uncond.dtype != out.dtype \
+            or out_uncond.device != out.device:
+        raise ValueError(f"ddim_step: guide={guide} needs out_uncond, a tensor of out's shape, dtype and device "
+                         f"({tuple(out.shape)}, {out.dtype}, {out.device}), got "
+                         f"{None if out_uncond is None else (tuple(out_uncond.shape), out_uncond.dtype, str(out_uncond.device))}")
+    if ratio is not None and (guide != GUIDE_CFG or ratio.dtype != torch.float32 or ratio.shape != x.shape[:1]
+                              or ratio.device != x.device):
+        raise ValueError(f"ddim_step: ratio (the rescale) needs guide=1 and a float32 ({x.shape[0]},) tensor on "
+                         f"{x.device}, got guide={guide}, {(ratio.dtype, tuple(ratio.shape), str(ratio.device))}")
+    if guide == GUIDE_CFGPP and (solver != SOLVER_DDIM or clipped_eps or sigma_hat):
+        raise ValueError("ddim_step: guide=2 (cfg++) is a DDIM update (solver=0) with the unconditional eps as its "
+                         "direction: clipped_eps and sigma_hat must be False")
+
+
 def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
@@ -176,15 +204,18 @@ _lib = torch.library.Library("fastddim", "DEF")
 _lib.define(
     "ddim_step(Tensor x, Tensor out, Tensor table, int j, Tensor rng, Tensor? s, str backend, int pred, "
     "int clip, float clip_range, bool clipped_eps, bool sigma_hat, bool noise, bool need_x0, "
-    "ScalarType? low_dtype, Tensor? x0_prev=None, int solver=0) -> (Tensor, Tensor, Tensor)"
+    "ScalarType? low_dtype, Tensor? x0_prev=None, int solver=0, Tensor? out_uncond=None, int guide=0, "
+    "float w=1.0, float phi=0.0, Tensor? ratio=None) -> (Tensor, Tensor, Tensor)"
 )
+_lib.define("rescale_ratio(Tensor out_uncond, Tensor out, float w, str backend) -> Tensor")
 
 
 def ddim_step(
     x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, j: int, rng: torch.Tensor,
     s: torch.Tensor | None, backend: str, pred: int, clip: int, clip_range: float,
     clipped_eps: bool, sigma_hat: bool, noise: bool, need_x0: bool, low_dtype: torch.dtype | None,
-    x0_prev: torch.Tensor | None = None, solver: int = SOLVER_DDIM,
+    x0_prev: torch.Tensor | None = None, solver: int = SOLVER_DDIM, out_uncond: torch.Tensor | None = None,
+    guide: int = GUIDE_NONE, w: float = 1.0, phi: float = 0.0, ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused step j: returns (x_prev, x0, x_low); x0 / x_low are empty (0,) when not asked for.
 
@@ -192,6 +223,13 @@ def ddim_step(
     DPM-Solver++(2M) step of first / second order (table: DPM_COLUMNS; need_x0 True and
     clipped_eps, sigma_hat, noise False): x0_prev (B, *shape) fp32 is read by SOLVER_DPM2 only,
     and the returned x0 is the next step's x0_prev (a fresh tensor: no input is written).
+
+    guide: GUIDE_NONE, or a guided step that reads both halves of the model output, out (the
+    conditional one, c) and out_uncond (u, same shape and dtype), in one pass, in float32:
+      GUIDE_CFG:   g = u + w * (c - u), then with ratio (B,) fp32 (``rescale_ratio``: std(c) / std(g)
+                   per sample) g = phi * (g * ratio) + (1 - phi) * g; the step uses g as its model
+                   output (any solver).
+      GUIDE_CFGPP: x0 from g = u + w * (c - u), the direction's eps from u (CFG++; DDIM only).
 
     x: (B, *shape) fp32; out: same shape, fp32/bf16/fp16; table: the plan's (S, 6) fp32 table on
     x's device; rng: int64 (2,) = (seed bits, first_index) on x's device; s: (B,) fp32 thresholds
@@ -205,14 +243,19 @@ def ddim_step(
         raise ValueError(f"fastddim::ddim_step: backend must be one of {FUSED_BACKENDS}, got {backend!r}")
     if backend == "triton":  # fastddim._C checks its own arguments (a few us less per step here)
         _check_triton_step(x, out, table, j, rng, s, pred, clip, x0_prev, solver, need_x0, (clipped_eps, sigma_hat, noise))
+        _check_guide(x, out, out_uncond, guide, ratio, solver, clipped_eps, sigma_hat)
     # A strided rng becomes a copy: under CUDA graph capture, a copy kernel reading it at replay.
     x, out, table, rng = x.contiguous(), out.contiguous(), table.contiguous(), rng.contiguous()
     s = s.contiguous() if s is not None else None
     x0_prev = x0_prev.contiguous() if solver == SOLVER_DPM2 and x0_prev is not None else None
+    out_uncond = out_uncond.contiguous() if out_uncond is not None else None
+    ratio = ratio.contiguous() if ratio is not None else None
     outputs = x_prev, x0, x_low = _outputs(x, need_x0, low_dtype)
     x0, x_low = x0 if need_x0 else None, x_low if low_dtype is not None else None
     kw = dict(pred=pred, clip=clip, clip_range=clip_range, s=s, clipped_eps=clipped_eps, sigma_hat=sigma_hat, noise=noise,
               x0_prev=x0_prev, solver=solver)
+    if guide != GUIDE_NONE:  # unguided calls keep the extension's old signature (a build without guidance works)
+        kw.update(out_uncond=out_uncond, guide=guide, w=float(w), phi=float(phi), ratio=ratio)
     if backend == "triton":
         from fastddim.kernels import ddim_step as triton_step
 
@@ -227,5 +270,41 @@ _lib.impl("ddim_step", ddim_step, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("fastddim::ddim_step", lib=_lib)
 def _(x, out, table, j, rng, s, backend, pred, clip, clip_range, clipped_eps, sigma_hat, noise, need_x0, low_dtype,
-      x0_prev=None, solver=SOLVER_DDIM):
+      x0_prev=None, solver=SOLVER_DDIM, out_uncond=None, guide=GUIDE_NONE, w=1.0, phi=0.0, ratio=None):
     return _outputs(x, need_x0, low_dtype)
+
+
+def rescale_ratio(out_uncond: torch.Tensor, out: torch.Tensor, w: float, backend: str) -> torch.Tensor:
+    """The per-sample ratio std(c) / std(g) of ``rescale_noise_cfg``, g = u + w * (c - u): the
+    reduction pass of a rescaled guided step (the step pass then applies it, fused).
+
+    out_uncond (u), out (c): (B, *shape) float32/bf16/fp16 of one dtype, any strides; w: the
+    step's scale. Returns (B,) float32: the unbiased std over every non-batch element, in float32
+    after loading (fastddim.guidance.rescale_ratio_torch), or by the backend's own one-pass kernel
+    where it has one (``cpp``: fastddim._C.rescale_ratio, double accumulators). Call it as
+    torch.ops.fastddim.rescale_ratio(...).
+    """
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"fastddim::rescale_ratio: backend must be one of {FUSED_BACKENDS}, got {backend!r}")
+    if out_uncond.shape != out.shape or out_uncond.dtype != out.dtype or out_uncond.device != out.device \
+            or out.dim() < 2:
+        raise ValueError(f"rescale_ratio: out_uncond and out must be (B, ...) tensors of one shape, dtype and device, "
+                         f"got {tuple(out_uncond.shape)} {out_uncond.dtype} and {tuple(out.shape)} {out.dtype}")
+    if backend == "cpp" and _C is not None and hasattr(_C, "rescale_ratio"):
+        return _C.rescale_ratio(out_uncond.contiguous(), out.contiguous(), float(w))
+    if backend == "triton" and out.device.type == "cuda":
+        from fastddim.kernels import ddim_step as triton_step
+
+        if hasattr(triton_step, "rescale_ratio"):
+            return triton_step.rescale_ratio(out_uncond.contiguous(), out.contiguous(), float(w))
+    from .guidance import rescale_ratio_torch
+
+    return rescale_ratio_torch(out_uncond, out, w)
+
+
+_lib.impl("rescale_ratio", rescale_ratio, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastddim::rescale_ratio", lib=_lib)
+def _(out_uncond, out, w, backend):
+    return out.new_empty((out.shape[0],), dtype=torch.float32)

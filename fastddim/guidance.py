@@ -11,7 +11,8 @@ What lives here is host data and plain torch, op for op as diffusers (0.42.1) do
 - ``make_guidance``: every argument check, before any model call, and the per-step table
   (``weights[j]``: the scale of step j; ``calls[j]``: 2 when step j needs the unconditional half).
 - ``combine``, ``rescale``, ``guide``: the Stable Diffusion pipeline's combine and
-  ``rescale_noise_cfg`` (Lin et al. 2023); ``cfgpp_outputs``: CFG++ (Chung et al. 2024).
+  ``rescale_noise_cfg`` (Lin et al. 2023); ``cfgpp_outputs``: CFG++ (Chung et al. 2024);
+  ``rescale_ratio_torch``: the rescale's per-sample ratio, the fused steps' reduction pass.
 - ``halves_kwargs``, ``doubled_kwargs``, ``halves``: the kwargs of one doubled call
   ([uncond; cond], unconditional half first, as the Stable Diffusion pipeline) or of two calls,
   from kwargs already sliced per batch (``fastddim.kwargs``), and the split of the doubled output.
@@ -29,7 +30,7 @@ import torch
 from .checks import check_float, check_int
 
 __all__ = [
-    "GUIDANCE_METHODS", "Guidance", "make_guidance", "combine", "rescale", "guide", "cfgpp_outputs",
+    "GUIDANCE_METHODS", "Guidance", "make_guidance", "combine", "rescale", "rescale_ratio_torch", "guide", "cfgpp_outputs",
     "halves_kwargs", "doubled_kwargs", "halves",
 ]
 
@@ -231,6 +232,14 @@ def rescale(guided: torch.Tensor, out_cond: torch.Tensor, phi: float) -> torch.T
     std_c = out_cond.std(dim=dims, keepdim=True)
     std_e = guided.std(dim=dims, keepdim=True)
     return phi * (guided * (std_c / std_e)) + (1 - phi) * guided
+
+
+def rescale_ratio_torch(out_uncond: torch.Tensor, out_cond: torch.Tensor, w: float) -> torch.Tensor:
+    """std(c) / std(g) per sample, g = combine(u, c, w), in float32 (the fused backends' reduction
+    pass; ``rescale`` is the op-for-op reference). out_uncond, out_cond: (B, C, ...). Returns (B,) fp32."""
+    u, c = out_uncond.float(), out_cond.float()
+    dims = list(range(1, c.ndim))
+    return c.std(dim=dims) / combine(u, c, w).std(dim=dims)
 
 
 def _eps_half(out: torch.Tensor, eps_channels: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -74,7 +74,8 @@ def _clip(x0: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def ddim_step(
-    x: torch.Tensor, out: torch.Tensor, plan: Plan, j: int, noise: torch.Tensor | None = None
+    x: torch.Tensor, out: torch.Tensor, plan: Plan, j: int, noise: torch.Tensor | None = None,
+    out_eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step j of the plan: x_t -> x_prev.
 
@@ -82,6 +83,9 @@ def ddim_step(
         x: (B, *shape) float32 state x_t at t = plan.timesteps[j].
         out: (B, *shape) model output at (x, t) (any float dtype; used in float32).
         noise: (B, *shape) standard normal z; required when plan.noise[j].
+        out_eps: CFG++ (``guidance.cfgpp_outputs``): the output the direction's eps is formed
+            from (the unconditional one), while x0 comes from ``out`` (the guided one). None: both
+            from ``out``. Not with use_clipped_model_output or sigma_hat (they replace that eps).
     Returns:
         (x_prev, x0): the new state and the (clipped) x0 prediction, both (B, *shape) float32.
     """
@@ -89,6 +93,10 @@ def ddim_step(
     sqrt_a, sqrt_1ma, c_x0, c_eps, c_xt, sigma = plan.scalars[j]
     out = out.float()
     x0, eps = predict_x0_eps(x, out, sqrt_a, sqrt_1ma, plan.prediction_type)
+    if out_eps is not None:
+        if plan.use_clipped_model_output or plan.sigma_hat:
+            raise ValueError("out_eps (CFG++) cannot be used with use_clipped_model_output or sigma_hat")
+        eps = predict_x0_eps(x, out_eps.float(), sqrt_a, sqrt_1ma, plan.prediction_type)[1]
     x0 = _clip(x0, plan)
     if plan.use_clipped_model_output:
         eps = (x - sqrt_a * x0) / sqrt_1ma
