@@ -24,6 +24,15 @@ clipping as above, then ``c_x * x - c_d0 * x0`` and, second order, ``- c_d1 * (r
 x0_prev))``. No noise; x0 always written (the next step's x0_prev): 14-16 B per element first
 order (x_t, the output, x_{t-1}, x0), 18-20 B second order (one more 4 B read, x0_prev).
 
+Guidance (GUIDE, fastddim._ops.GUIDE_*): the step also reads the unconditional output u (4 or
+2 B more per element) and combines it with the conditional one c, in float32, before anything
+else: GUIDE_CFG makes g = u + w * (c - u) and, with HAS_RATIO, g = phi * (g * ratio[b]) +
+(1 - phi) * g (the rescale; ratio from ``rescale_ratio`` below), then steps on g as on an
+unguided output (any solver). GUIDE_CFGPP (DDIM only) forms x0 from g and the direction's eps
+from u. w, phi and 1 - phi are runtime floats (a per-step w never recompiles the kernel).
+``rescale_ratio`` is the rescale's reduction: std(c) / std(g) per sample, two passes (partial
+shifted sums in float64 per chunk of a sample, then one program per sample).
+
 Divisions use div_rn (Triton's ``/`` is approximate on GPU); log/sin/cos come from libdevice
 (tl.log may lower to an approximate instruction). Under TRITON_INTERPRET=1 libdevice does not
 exist and numpy's float32 functions are used instead.
@@ -36,9 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddim._ops import CLIP_NONE, rng_state  # one home for the codes (PRED_CODES, CLIP_*) and rng
+from fastddim._ops import CLIP_NONE, GUIDE_NONE, rng_state  # one home for the codes (PRED_CODES, CLIP_*) and rng
 
-__all__ = ["ddim_step", "normal_", "philox4x32"]
+__all__ = ["ddim_step", "rescale_ratio", "normal_", "philox4x32"]
 
 _INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 if not _INTERPRET:
@@ -128,13 +137,42 @@ def _noise_tile(g, sample, step, rng_ptr):
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (g.shape[0], 4))
 
 
-@triton.jit(do_not_specialize=["j"])
+@triton.jit
+def _predict_x0(x, o, sqrt_a, sqrt_1ma, PRED: tl.constexpr):
+    """x0 from a model output o, as fastddim.reference.predict_x0."""
+    if PRED == 0:  # epsilon
+        return tl.math.div_rn(x - sqrt_1ma * o, sqrt_a)
+    elif PRED == 1:  # sample
+        return o
+    else:  # v_prediction
+        return sqrt_a * x - sqrt_1ma * o
+
+
+@triton.jit
+def _predict_eps(x, o, sqrt_a, sqrt_1ma, PRED: tl.constexpr):
+    """eps from a model output o, as fastddim.reference.predict_x0_eps."""
+    if PRED == 0:
+        return o
+    elif PRED == 1:
+        return tl.math.div_rn(x - sqrt_a * o, sqrt_1ma)
+    else:
+        return sqrt_a * o + sqrt_1ma * x
+
+
+@triton.jit
+def _combine(u, c, w):
+    # u + w * (c - u): diffusers' op order (each op rounded in fp32; a GPU may contract to FMA)
+    return u + w * (c - u)
+
+
+# w, phi, one_m_phi: not specialized (a float never is by value, an int 1 would become a constexpr).
+@triton.jit(do_not_specialize=["j", "w", "phi", "one_m_phi"])
 def _ddim_step_kernel(
-    x_ptr, out_ptr, table_ptr, rng_ptr, s_ptr, prev_ptr, x0_ptr, low_ptr, x0_prev_ptr,
-    j, numel, clip_range,
+    x_ptr, out_ptr, table_ptr, rng_ptr, s_ptr, prev_ptr, x0_ptr, low_ptr, x0_prev_ptr, u_ptr, ratio_ptr,
+    j, numel, clip_range, w, phi, one_m_phi,
     PRED: tl.constexpr, CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr, SIGMA_HAT: tl.constexpr,
     HAS_NOISE: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_LOW: tl.constexpr, BLOCK: tl.constexpr,
-    SOLVER: tl.constexpr = 0,
+    SOLVER: tl.constexpr = 0, GUIDE: tl.constexpr = 0, HAS_RATIO: tl.constexpr = False,
 ):
     # grid = (B, cdiv(groups, BLOCK)): a program covers BLOCK Philox groups of 4 elements of one sample.
     b = tl.program_id(0)
@@ -146,6 +184,11 @@ def _ddim_step_kernel(
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     # Cast before any arithmetic: bf16 mixed with fp32 scalars is wrong under the interpreter.
     o = tl.load(out_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if GUIDE != 0:  # o is the conditional output: the step runs on the guided one
+        u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        o = _combine(u, o, w)
+        if HAS_RATIO:
+            o = phi * (o * tl.load(ratio_ptr + b)) + one_m_phi * o
 
     row = table_ptr + j * 6
     sqrt_a = tl.load(row + 0)
@@ -155,15 +198,11 @@ def _ddim_step_kernel(
     c_xt = tl.load(row + 4)
     sigma = tl.load(row + 5)
 
-    if PRED == 0:  # epsilon
-        x0 = tl.math.div_rn(x - sqrt_1ma * o, sqrt_a)
-        eps = o
-    elif PRED == 1:  # sample
-        x0 = o
-        eps = tl.math.div_rn(x - sqrt_a * o, sqrt_1ma)
-    else:  # v_prediction
-        x0 = sqrt_a * x - sqrt_1ma * o
-        eps = sqrt_a * o + sqrt_1ma * x
+    x0 = _predict_x0(x, o, sqrt_a, sqrt_1ma, PRED)
+    if GUIDE == 2:  # CFG++: the direction is the unconditional output's eps
+        eps = _predict_eps(x, u, sqrt_a, sqrt_1ma, PRED)
+    else:
+        eps = _predict_eps(x, o, sqrt_a, sqrt_1ma, PRED)
 
     # NaN propagates through the clamp, as in torch.clamp.
     if CLIP == 1:
@@ -208,10 +247,14 @@ def ddim_step(
     pred: int, clip: int = CLIP_NONE, clip_range: float = 1.0, s: torch.Tensor | None = None,
     clipped_eps: bool = False, sigma_hat: bool = False, noise: bool = False,
     x0_prev: torch.Tensor | None = None, solver: int = 0,
+    out_uncond: torch.Tensor | None = None, guide: int = GUIDE_NONE, w: float = 1.0, phi: float = 0.0,
+    ratio: torch.Tensor | None = None,
 ) -> None:
     """Step j into the preallocated x_prev (and x0, x_low when given). Checks are the caller's.
     solver: fastddim._ops.SOLVER_* (DPM codes: x0 given; x0_prev (B, *shape) contiguous fp32 read
-    by SOLVER_DPM2).
+    by SOLVER_DPM2). guide: fastddim._ops.GUIDE_* (out is then the conditional output; out_uncond
+    the unconditional one, out's shape and dtype, contiguous; w the scale; ratio (B,) fp32 and phi
+    the rescale of GUIDE_CFG, see fastddim._ops.ddim_step).
 
     x, x_prev, x0: (B, *shape) contiguous fp32; out: (B, *shape) fp32/bf16/fp16; x_low: bf16 or
     fp16; table: (S, 6) fp32; rng: int64 (2,) = (seed bits, first_index); s: (B,) fp32 thresholds
@@ -224,14 +267,90 @@ def ddim_step(
         return
     block = _block(groups)
     grid = (b, triton.cdiv(groups, block))
+    # Unused pointers get a tensor of the type a used one would have: no extra compiled variants.
     _ddim_step_kernel[grid](
         x, out, table, rng, s if s is not None else x, x_prev,
         x0 if x0 is not None else x_prev, x_low if x_low is not None else x_prev,
-        x0_prev if x0_prev is not None else x,
-        j, numel, float(clip_range),
+        x0_prev if x0_prev is not None else x, out_uncond if out_uncond is not None else out,
+        ratio if ratio is not None else x,
+        # floats always (an int would be specialized); 1 - phi in double, rounded to fp32 as torch does
+        j, numel, float(clip_range), float(w), float(phi), 1.0 - float(phi),
         PRED=pred, CLIP=clip, CLIPPED_EPS=clipped_eps, SIGMA_HAT=sigma_hat, HAS_NOISE=noise,
         WRITE_X0=x0 is not None, WRITE_LOW=x_low is not None, BLOCK=block, SOLVER=solver,
+        GUIDE=guide, HAS_RATIO=ratio is not None,
     )
+
+
+# ------------------------------------------------------------------ the rescale's reduction
+@triton.jit(do_not_specialize=["w"])
+def _rescale_partial_kernel(u_ptr, c_ptr, part_ptr, numel, chunks, w, BLOCK: tl.constexpr):
+    # grid = (B, chunks): sums of (c - c[0]), its square, (g - g[0]) and its square over one chunk of
+    # a sample, in float64. The shift by the sample's first element keeps sum(d^2) - sum(d)^2 / n
+    # well conditioned for a sample whose mean is large against its spread.
+    b = tl.program_id(0)
+    k = tl.program_id(1)
+    base = b.to(tl.int64) * numel
+    e = k * BLOCK + tl.arange(0, BLOCK)
+    mask = e < numel
+    c = tl.load(c_ptr + base + e, mask=mask, other=0.0).to(tl.float32)
+    g = _combine(tl.load(u_ptr + base + e, mask=mask, other=0.0).to(tl.float32), c, w)
+    c0 = tl.load(c_ptr + base).to(tl.float32)
+    g0 = _combine(tl.load(u_ptr + base).to(tl.float32), c0, w)
+    dc = tl.where(mask, c.to(tl.float64) - c0.to(tl.float64), 0.0)
+    dg = tl.where(mask, g.to(tl.float64) - g0.to(tl.float64), 0.0)
+    row = part_ptr + (b.to(tl.int64) * chunks + k) * 4
+    tl.store(row + 0, tl.sum(dc, axis=0))
+    tl.store(row + 1, tl.sum(dc * dc, axis=0))
+    tl.store(row + 2, tl.sum(dg, axis=0))
+    tl.store(row + 3, tl.sum(dg * dg, axis=0))
+
+
+@triton.jit
+def _std(s1, s2, n):
+    # unbiased std from shifted sums. float64 '/' and sqrt are correctly rounded on the GPU (only
+    # float32's are approximate; div_rn takes no float64). Rounding may leave a tiny negative variance: 0.
+    var = (s2 - s1 * s1 / n) / (n - 1.0)
+    return tl.sqrt(tl.maximum(var, 0.0, tl.PropagateNan.ALL))
+
+
+@triton.jit
+def _rescale_finish_kernel(part_ptr, ratio_ptr, numel, chunks, BLOCK: tl.constexpr):
+    # grid = (B,): add a sample's chunk sums (in a fixed order: deterministic), std(c) / std(g).
+    b = tl.program_id(0)
+    acc = tl.zeros((BLOCK, 4), dtype=tl.float64)
+    for start in range(0, chunks, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        ptr = part_ptr + (b.to(tl.int64) * chunks + k[:, None]) * 4 + tl.arange(0, 4)[None, :]
+        acc += tl.load(ptr, mask=k[:, None] < chunks, other=0.0)
+    s = tl.sum(acc, axis=0)
+    col = tl.arange(0, 4)
+    s1c = tl.sum(tl.where(col == 0, s, 0.0), axis=0)
+    s2c = tl.sum(tl.where(col == 1, s, 0.0), axis=0)
+    s1g = tl.sum(tl.where(col == 2, s, 0.0), axis=0)
+    s2g = tl.sum(tl.where(col == 3, s, 0.0), axis=0)
+    n = numel.to(tl.float64)
+    ratio = _std(s1c, s2c, n) / _std(s1g, s2g, n)
+    tl.store(ratio_ptr + b, ratio.to(tl.float32))
+
+
+def rescale_ratio(u: torch.Tensor, c: torch.Tensor, w: float) -> torch.Tensor:
+    """std(c) / std(g) per sample, g = u + w * (c - u) in float32, unbiased std over every non-batch
+    element (``fastddim.guidance.rescale_ratio_torch``'s result, from float64 sums). Checks are the
+    caller's (``fastddim._ops.rescale_ratio``).
+
+    u, c: (B, ...) contiguous, one dtype (fp32/bf16/fp16), on one device. Returns (B,) fp32 on it.
+    """
+    b = c.shape[0]
+    numel = c.numel() // b if b else 0
+    ratio = torch.empty(b, dtype=torch.float32, device=c.device)
+    if b == 0 or numel == 0:
+        return ratio.fill_(float("nan"))  # torch's std of no elements
+    block = max(16, min(4096 if _INTERPRET else 1024, triton.next_power_of_2(numel)))
+    chunks = triton.cdiv(numel, block)
+    part = torch.empty((b, chunks, 4), dtype=torch.float64, device=c.device)
+    _rescale_partial_kernel[(b, chunks)](u, c, part, numel, chunks, float(w), BLOCK=block)
+    _rescale_finish_kernel[(b,)](part, ratio, numel, chunks, BLOCK=64)
+    return ratio
 
 
 # ------------------------------------------------------------------ the noise alone

@@ -31,6 +31,8 @@ DTYPES = {"fp32": ("fp32", None), "bf16": ("bf16", None), "bf16+copy": ("bf16", 
 # Triton 3.9 56-71. Room above the first, well below the cliff. The DPM-Solver++ variants (no noise)
 # must stay under the same ceiling: Triton 3.9 34-48 (the DDIM variants' counts, PTX mul.hi and
 # vector loads were the same before and after the SOLVER constexpr joined the kernel).
+# The guided variants (one more load, the combine and the rescale) and the rescale's reduction
+# (float64 sums) under the same ceiling.
 MAX_REGS = 80
 MULHI_PER_GROUP = 20  # Philox-4x32-10: 2 mul.hi per round, 10 rounds, once per group of 4 normals
 
@@ -62,6 +64,9 @@ def _compile(kernel, types: dict, constexprs: dict, numel: int, ptxas: str, tmpd
 
     names = kernel.arg_names
     signature = {name: types.get(name, "constexpr") for name in names}
+    # ASTSource does not apply a constexpr's default: one left out would compile as None
+    missing = [n for n in names if signature[n] == "constexpr" and n not in constexprs]
+    assert not missing, f"{kernel.__name__}: give every constexpr a value, missing {missing}"
     divisible = [n for n in names if n.endswith("_ptr")] + (["numel"] if numel % 16 == 0 else [])
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -74,6 +79,9 @@ def _compile(kernel, types: dict, constexprs: dict, numel: int, ptxas: str, tmpd
         "groups_per_thread": groups_per_thread,
         "v4_loads": len(re.findall(r"\bld\.global\S*\.v4\b", ptx)),
         "shared": compiled.metadata.shared,
+        # float64 '/' and sqrt: correctly rounded instructions, and no approximate ones anywhere
+        "rn_f64": len(re.findall(r"\b(?:div|sqrt)\.rn\.f64\b", ptx)),
+        "approx": len(re.findall(r"\.approx\b", ptx)),
     }
 
 
@@ -87,10 +95,11 @@ def _variants():
             types = {
                 "x_ptr": "*fp32", "out_ptr": f"*{out_dt}", "table_ptr": "*fp32", "rng_ptr": "*i64", "s_ptr": "*fp32",
                 "prev_ptr": "*fp32", "x0_ptr": "*fp32", "low_ptr": f"*{low_dt or 'fp32'}", "x0_prev_ptr": "*fp32",
-                "j": "i32", "numel": "i32", "clip_range": "fp32",
+                "u_ptr": f"*{out_dt}", "ratio_ptr": "*fp32",
+                "j": "i32", "numel": "i32", "clip_range": "fp32", "w": "fp32", "phi": "fp32", "one_m_phi": "fp32",
             }
             base = dict(PRED=0, CLIP=0, CLIPPED_EPS=False, SIGMA_HAT=False, HAS_NOISE=True, WRITE_X0=low_dt is None,
-                        WRITE_LOW=low_dt is not None, BLOCK=block, SOLVER=0)
+                        WRITE_LOW=low_dt is not None, BLOCK=block, SOLVER=0, GUIDE=0, HAS_RATIO=False)
             yield f"step {size} {dname}", k._ddim_step_kernel, types, base, numel
             # DPM-Solver++(2M), second order: no noise, x0 always written, one more load (x0_prev)
             dpm = dict(base, HAS_NOISE=False, WRITE_X0=True, SOLVER=2)
@@ -101,7 +110,75 @@ def _variants():
                 heavy = dict(base, PRED=2, CLIP=2, CLIPPED_EPS=True)
                 yield f"step {size} {dname} v+threshold", k._ddim_step_kernel, types, heavy, numel
                 yield f"dpm {size} {dname} v+threshold", k._ddim_step_kernel, types, dict(dpm, PRED=2, CLIP=2), numel
+            if dname != "bf16+copy":  # guidance: CFG, CFG with the rescale, CFG++ (the engine's DDIM run, with noise)
+                for gname, guide in (("cfg", dict(GUIDE=1)), ("cfg+rescale", dict(GUIDE=1, HAS_RATIO=True)),
+                                     ("cfg++", dict(GUIDE=2))):
+                    yield f"guided {size} {dname} {gname}", k._ddim_step_kernel, types, dict(base, **guide), numel
+                if dname == "bf16":  # the most work: rescaled v, thresholding, eps from the clipped x0; DPM
+                    yield (f"guided {size} {dname} cfg+rescale v+threshold", k._ddim_step_kernel, types,
+                           dict(base, PRED=2, CLIP=2, CLIPPED_EPS=True, GUIDE=1, HAS_RATIO=True), numel)
+                    yield (f"guided {size} {dname} dpm cfg+rescale", k._ddim_step_kernel, types,
+                           dict(dpm, GUIDE=1, HAS_RATIO=True), numel)
+            if dname != "bf16+copy":  # the rescale's reduction: per-chunk float64 sums
+                yield (f"rescale {size} {dname} partial", k._rescale_partial_kernel,
+                       {"u_ptr": f"*{out_dt}", "c_ptr": f"*{out_dt}", "part_ptr": "*fp64", "numel": "i32", "chunks": "i32",
+                        "w": "fp32"}, dict(BLOCK=_rescale_block(k, numel)), numel)
         yield f"normal {size}", k._normal_kernel, {"res_ptr": "*fp32", "rng_ptr": "*i64", "step": "i32", "numel": "i32"}, dict(BLOCK=block), numel
+    yield ("rescale finish", k._rescale_finish_kernel,
+           {"part_ptr": "*fp64", "ratio_ptr": "*fp32", "numel": "i32", "chunks": "i32"}, dict(BLOCK=64), 1)
+
+
+def _rescale_block(k, numel: int) -> int:
+    """The BLOCK the rescale_ratio launcher picks for ``numel`` (read off its partial launch)."""
+    import torch
+
+    launches = _recorded(k, "_rescale_partial_kernel", lambda: k.rescale_ratio(torch.zeros(1, numel), torch.zeros(1, numel), 2.0))
+    return launches[0][1]["BLOCK"]
+
+
+def _recorded(k, kernel: str, call) -> list:
+    """The (args, kwargs) the launchers pass to ``k.<kernel>`` during ``call()``, without launching it
+    (no GPU here): the kernel is swapped for a recorder for the call's duration."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((args, kwargs))
+
+    real = getattr(k, kernel)
+    setattr(k, kernel, Recorder())
+    try:
+        try:
+            call()
+        except Exception:  # a later kernel of the call, not recorded, could not run here
+            if not launches:
+                raise
+    finally:
+        setattr(k, kernel, real)
+    return launches
+
+
+def _guided_step_keys() -> list[str]:
+    """The distinct compile keys (Triton's specialization of the arguments) of the guided step as the
+    launcher calls it for several w and phi, ints among them: one key means a per-step w never recompiles."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from fastddim.kernels import ddim_step as k
+
+    kernel = k._ddim_step_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    x = torch.zeros(2, 48)
+    keys = set()
+    for w, phi in ((7.5, 0.7), (1, 0), (0.0, 1), (16, 0.5), (2, 1.0)):
+        def call():
+            k.ddim_step(x, x.clone(), torch.zeros(10, 6), 3, torch.zeros(2, dtype=torch.int64), torch.empty_like(x),
+                        pred=0, out_uncond=x.clone(), guide=1, w=w, phi=phi, ratio=torch.ones(2))
+        for args, kwargs in _recorded(k, "_ddim_step_kernel", call):
+            keys.add(repr(binder(*args, **kwargs)[1]))
+    return sorted(keys)
 
 
 def _report() -> dict:
@@ -122,7 +199,7 @@ def _report() -> dict:
     with tempfile.TemporaryDirectory() as tmpdir:
         for name, kernel, types, constexprs, numel in _variants():
             rows[name] = _compile(kernel, types, constexprs, numel, ptxas, tmpdir)
-    return {"triton": triton.__version__, "rows": rows}
+    return {"triton": triton.__version__, "rows": rows, "guided_step_keys": _guided_step_keys()}
 
 
 # ------------------------------------------------------------------------------------ the tests
@@ -150,18 +227,18 @@ def _table(rows: dict) -> str:
     return "\n".join(f"  {name}: {row}" for name, row in rows.items())
 
 
-@pytest.mark.parametrize("kernel", ["step", "dpm", "normal"])
+@pytest.mark.parametrize("kernel", ["step", "dpm", "normal", "guided", "rescale"])
 def test_no_spills_and_few_registers(report, kernel):
     rows = _rows(report, kernel)
     bad = {n: r for n, r in rows.items() if r["spill_stores"] or r["spill_loads"] or r["regs"] > MAX_REGS}
     assert not bad, f"Triton {report['triton']}, sm_90: spills or more than {MAX_REGS} registers:\n{_table(bad)}"
 
 
-@pytest.mark.parametrize("kernel", ["step", "normal"])
+@pytest.mark.parametrize("kernel", ["step", "normal", "guided"])
 def test_one_philox_per_group_whatever_the_size(report, kernel):
     """At most one Philox (20 mul.hi) per group a thread owns: none of a group's 4 normals is made twice.
     At least half of that: the rounds are really there (a few of them only see uniform values)."""
-    rows = _rows(report, kernel)
+    rows = {n: r for n, r in _rows(report, kernel).items() if " dpm " not in n}  # a guided DPM step has no noise
     bad = {n: r for n, r in rows.items()
            if not MULHI_PER_GROUP // 2 * r["groups_per_thread"] <= r["mulhi"] <= MULHI_PER_GROUP * r["groups_per_thread"]}
     assert not bad, f"Triton {report['triton']}, sm_90: Philox not run once per group of 4 normals:\n{_table(bad)}"
@@ -170,7 +247,7 @@ def test_one_philox_per_group_whatever_the_size(report, kernel):
 def test_aligned_samples_get_128_bit_loads(report):
     """A multiple of 16 per sample keeps the vector loads (the size that is not cannot have them:
     its samples start at addresses that are not 16-byte aligned)."""
-    rows = {**_rows(report, "step"), **_rows(report, "dpm")}
+    rows = {**_rows(report, "step"), **_rows(report, "dpm"), **_rows(report, "guided"), **_rows(report, "rescale")}
     assert all(r["v4_loads"] > 0 for n, r in rows.items() if "3x32x32" in n), _table(rows)
 
 
@@ -178,6 +255,17 @@ def test_dpm_variants_make_no_noise(report):
     """The DPM-Solver++ step has no noise: no Philox rounds compiled in (a HAS_NOISE leak would add them)."""
     rows = _rows(report, "dpm")
     assert all(r["mulhi"] == 0 for r in rows.values()), _table(rows)
+
+
+def test_rescale_float64_is_correctly_rounded(report):
+    """The reduction's float64 '/' and sqrt compile to div.rn.f64 / sqrt.rn.f64, and nothing approximate."""
+    row = _rows(report, "rescale")["rescale finish"]
+    assert row["rn_f64"] >= 3 and row["approx"] == 0, row
+
+
+def test_guided_step_compiles_once_whatever_w_and_phi(report):
+    """w, phi and 1 - phi are runtime fp32 arguments: one compile key for w = 7.5, 1, 0.0, 16 (ints too)."""
+    assert len(report["guided_step_keys"]) == 1, "\n".join(report["guided_step_keys"])
 
 
 if __name__ == "__main__":
