@@ -20,8 +20,10 @@ import torch
 
 from . import reference
 from ._ops import (  # the kernels' codes, one home
-    CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, PRED_CODES, SOLVER_DDIM, SOLVER_DPM1, SOLVER_DPM2, rng_state, seed_bits,
+    CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, GUIDE_CFG, GUIDE_CFGPP, GUIDE_NONE, PRED_CODES, SOLVER_DDIM, SOLVER_DPM1,
+    SOLVER_DPM2, rng_state, seed_bits,
 )
+from .guidance import Guidance, cfgpp_outputs, combine, guide
 from .noise import normal, normal_like_batch
 from .plan import Plan
 
@@ -147,10 +149,15 @@ class Step:
     state (seed bits, first_index) live in device tensors made once
     and updated in place (``set_rng``: ``fill_``), never re-created per batch, so a CUDA graph that
     captured them replays with new values. ``first_index=None``: use what the rng buffer holds.
+
+    ``guidance`` (fastddim/guidance.py): a guided step j (``guidance.calls[j] == 2``) takes both
+    halves of the model output, ``out`` the conditional and ``out_uncond`` the unconditional one,
+    and combines them inside the step (the fused kernels read each once; the rescale adds one
+    per-sample reduction pass, ``torch.ops.fastddim.rescale_ratio``).
     """
 
     def __init__(self, backend: str, plan: Plan, seed: int, *, need_x0: bool, device: torch.device,
-                 low_dtype: torch.dtype | None):
+                 low_dtype: torch.dtype | None, guidance: Guidance | None = None):
         if low_dtype is not None and low_dtype not in LOW_DTYPES:
             raise ValueError(f"low_dtype must be one of {LOW_DTYPES} or None, got {low_dtype!r}")
         if backend not in ("torch", "triton", "cpp", "cuda"):
@@ -159,6 +166,7 @@ class Step:
             # the step's x0 is the next step's x0_prev: a run that drops it cannot go on
             raise ValueError("need_x0 must be True for a 'dpm++2m' plan: each step's x0 is the next step's x0_prev")
         self.backend, self.plan, self.need_x0, self.low_dtype = backend, plan, need_x0, low_dtype
+        self.guidance = guidance
         self.device = torch.device(device)
         self.seed, self.first_index = seed, 0
         self.rng = rng_state(seed, 0, self.device)
@@ -196,29 +204,33 @@ class Step:
         return res
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, j: int, first_index: int | None = None,
-                 x0_prev: torch.Tensor | None = None):
+                 x0_prev: torch.Tensor | None = None, out_uncond: torch.Tensor | None = None):
         """Step j: x (B, *shape) fp32 and out (B, *shape) -> (x_next, x0[, x_low]).
 
         x0_prev: (B, *shape) fp32, the x0 the previous step returned; read by a 'dpm++2m' plan's
-        second-order steps (``plan.orders[j] == 2``), ignored otherwise.
+        second-order steps (``plan.orders[j] == 2``), ignored otherwise. out_uncond: (B, *shape),
+        out's dtype, the unconditional output of a guided step (required exactly there).
         """
         if first_index is not None:
             self.set_rng(self.seed, first_index)
         solver = self._solver(j, x0_prev)
+        guide_code = self._guide(j, out_uncond)
         if self.backend == "torch":
-            return self._reference(x, out, j, x0_prev)
+            return self._reference(x, out, j, x0_prev, out_uncond)
         if out.dtype not in (torch.float32, *LOW_DTYPES):
             out = out.float()
+            out_uncond = out_uncond.float() if out_uncond is not None else None
         x, out = x.float().contiguous(), out.contiguous()
         plan = self.plan
-        s = threshold_scale(x, out, self.table, j, plan) if self.clip == CLIP_THRESHOLD else None
+        w, phi, ratio = self._guide_args(j, guide_code, out, out_uncond)
+        s = self._threshold(x, out, out_uncond, j, guide_code, w) if self.clip == CLIP_THRESHOLD else None
         # Eagerly, call the op's implementation directly: the dispatcher round trip costs more
         # than the whole kernel at small sizes. Under torch.compile, the registered op.
         op = torch.ops.fastddim.ddim_step if torch.compiler.is_compiling() else self._ops.ddim_step
         prev, x0, low = op(
             x, out, self.table, j, self.rng, s, self.backend, self.pred, self.clip, self.clip_range,
             plan.use_clipped_model_output, plan.sigma_hat, plan.noise[j], self.need_x0, self.low_dtype,
-            x0_prev if solver == SOLVER_DPM2 else None, solver,
+            x0_prev if solver == SOLVER_DPM2 else None, solver, out_uncond, guide_code, w, phi, ratio,
         )
         x0 = x0 if self.need_x0 else None
         return (prev, x0) if self.low_dtype is None else (prev, x0, low)
@@ -233,19 +245,57 @@ class Step:
             raise ValueError(f"step {j} of the 'dpm++2m' plan is second order: pass x0_prev, the x0 step {j - 1} returned")
         return SOLVER_DPM2
 
-    def _reference(self, x: torch.Tensor, out: torch.Tensor, j: int, x0_prev: torch.Tensor | None):
+    def _guide(self, j: int, out_uncond: torch.Tensor | None) -> int:
+        """Step j's guide code (the guidance's host table: no sync); out_uncond given exactly when guided."""
+        guided = self.guidance is not None and self.guidance.calls[j] == 2
+        if guided != (out_uncond is not None):
+            raise ValueError(f"step {j} is {'' if guided else 'not '}guided: out_uncond must be "
+                             f"{'the unconditional output' if guided else 'None'}")
+        if not guided:
+            return GUIDE_NONE
+        return GUIDE_CFGPP if self.guidance.method == "cfg++" else GUIDE_CFG
+
+    def _guide_args(self, j: int, code: int, out: torch.Tensor, out_uncond: torch.Tensor | None):
+        """(w, phi, ratio) of the op: the rescale's per-sample ratio is the one reduction pass."""
+        if code == GUIDE_NONE:
+            return 1.0, 0.0, None
+        w, phi = self.guidance.weights[j], self.guidance.rescale
+        if code != GUIDE_CFG or phi == 0:
+            return w, 0.0, None
+        out_uncond = out_uncond.contiguous()
+        op = torch.ops.fastddim.rescale_ratio if torch.compiler.is_compiling() else self._ops.rescale_ratio
+        return w, phi, op(out_uncond, out, w, self.backend)
+
+    def _threshold(self, x, out, out_uncond, j: int, code: int, w: float) -> torch.Tensor:
+        """Thresholding's s (B,) from the x0 of the output the step forms x0 from (guided: the
+        combined one, rescaled for "cfg"), computed here in torch (a reduction the kernel cannot fuse)."""
+        if code == GUIDE_CFG:
+            out = guide(out_uncond.float(), out.float(), w, self.guidance.rescale)
+        elif code == GUIDE_CFGPP:
+            out = combine(out_uncond.float(), out.float(), w)
+        return threshold_scale(x, out, self.table, j, self.plan)
+
+    def _reference(self, x: torch.Tensor, out: torch.Tensor, j: int, x0_prev: torch.Tensor | None,
+                   out_uncond: torch.Tensor | None):
+        out_eps = None
+        if out_uncond is not None:  # op for op as the Stable Diffusion pipeline, in the output's dtype
+            w = self.guidance.weights[j]
+            if self.guidance.method == "cfg++":
+                out, out_eps = cfgpp_outputs(out_uncond, out, w)
+            else:
+                out = guide(out_uncond, out, w, self.guidance.rescale)
         if self.plan.solver == "dpm++2m":
             prev, x0 = reference.dpm_solver_step(x, out, x0_prev if self.plan.orders[j] == 2 else None, self.plan, j)
         else:
             z = normal_like_batch(x, self.seed, self.first_index, j + 1) if self.plan.noise[j] else None
-            prev, x0 = reference.ddim_step(x, out, self.plan, j, z)
+            prev, x0 = reference.ddim_step(x, out, self.plan, j, z, out_eps)
         x0 = x0 if self.need_x0 else None
         return (prev, x0) if self.low_dtype is None else (prev, x0, prev.to(self.low_dtype))
 
 
 def make_step(
     backend: str, plan: Plan, seed: int, *, need_x0: bool = True, device: torch.device | None = None,
-    low_dtype: torch.dtype | None = None,
+    low_dtype: torch.dtype | None = None, guidance: Guidance | None = None,
 ) -> Step:
     """The step of ``plan`` for a resolved backend, with its noise drawn for (seed, index, step).
 
@@ -253,7 +303,7 @@ def make_step(
     and out the model output (B, *shape). ``need_x0=False`` lets the fused kernels skip writing
     x0 (x0 is then None). ``device``: where the static buffers live (default: the CPU).
     ``low_dtype`` (bf16/fp16): the step returns (x_prev, x0, x_prev in low_dtype), the copy made in
-    the same pass, for a model that runs in low precision.
+    the same pass, for a model that runs in low precision. ``guidance``: the run's (see ``Step``).
     """
     return Step(backend, plan, seed, need_x0=need_x0, device=device if device is not None else torch.device("cpu"),
-                low_dtype=low_dtype)
+                low_dtype=low_dtype, guidance=guidance)

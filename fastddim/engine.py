@@ -29,6 +29,7 @@ import torch
 from . import copies
 from .checks import check_device, check_dtype, check_int, check_seed
 from .dispatch import Step, make_step, resolve_backend
+from .guidance import Guidance, doubled_kwargs, halves, halves_kwargs, make_guidance
 from .kwargs import pad, split_model_kwargs
 from .plan import DPM_PLAN_KWARGS, PLAN_KWARGS, SOLVERS, Plan, make_dpm_plan, make_plan
 from .profiling import nvtx_range
@@ -180,12 +181,17 @@ class FiniteFlags:
         if self.enabled:
             self.bad.fill_(False)
 
-    def update(self, out: torch.Tensor, j: int) -> None:
+    def update(self, out: torch.Tensor, j: int, first: bool = True) -> None:
+        """Record step j's output; ``first=False``: a second call of the same step (guidance's
+        split halves), or-ed into the first's flag."""
         if self.enabled:
             # One reduction pass, no temporary: aminmax propagates NaN, and an inf is the min or
             # the max. (isfinite(out).all() costs 4 passes and a bool tensor: 30x slower on the CPU.)
             lo, hi = torch.aminmax(out)
-            torch.logical_not(lo.isfinite() & hi.isfinite(), out=self.bad[j])
+            if first:
+                torch.logical_not(lo.isfinite() & hi.isfinite(), out=self.bad[j])
+            else:
+                self.bad[j].logical_or_(torch.logical_not(lo.isfinite() & hi.isfinite()))
 
     def first_bad(self) -> int | None:
         if not self.enabled:
@@ -206,6 +212,8 @@ class Run:
     ``compile_mode`` and ``compile_seconds`` (the first compiled call), ``capture_seconds`` (CUDA
     graph warm-up and capture), both reported apart from the sampling time; ``memory_format``
     with ``layout`` (why: fastddim/copies.py) and ``copy_bytes`` (what the model's copy costs).
+    ``guidance`` (fastddim/guidance.py; None: one conditional call per step) with the
+    unconditional half's kwargs, split like model_kwargs (``uncond_shared``, ``uncond_per_sample``).
     """
 
     model: Callable
@@ -235,6 +243,9 @@ class Run:
     layout: copies.Layout | None = None  # the memory format and why (copies.choose_layout)
     copy_bytes: int = 0  # what the model's converted copy costs; 0 when called as given
     graph_replays: int = 0  # batches served by a replayed CUDA graph (graph.py): what info() reports
+    guidance: Guidance | None = None
+    uncond_shared: dict = field(default_factory=dict)
+    uncond_per_sample: dict = field(default_factory=dict)
     _checked: bool = False
 
     def __post_init__(self):
@@ -245,19 +256,48 @@ class Run:
     # ---- pieces a driver uses
     def kwargs_for(self, start: int, b: int, rows: int | None = None) -> dict:
         """model_kwargs for samples first_index + start .. + b, padded to ``rows`` rows."""
-        rows = b if rows is None else rows
-        kw = dict(self.shared_kwargs)
-        for k, v in self.per_sample_kwargs.items():
-            kw[k] = pad(v[start:start + b], rows)
-        return kw
+        return _batch_kwargs(self.shared_kwargs, self.per_sample_kwargs, start, b, rows)
+
+    def uncond_for(self, start: int, b: int, rows: int | None = None) -> dict:
+        """The unconditional half's kwargs for the same samples ({} for an unguided run)."""
+        return _batch_kwargs(self.uncond_shared, self.uncond_per_sample, start, b, rows)
+
+    def guided_kwargs(self, kwargs: dict, uncond: dict, rows: int):
+        """What a guided step's call(s) take for a batch of ``rows``, made once per batch: one
+        doubled call's kwargs, or the split calls' (uncond, cond) pair; None when unguided."""
+        if self.guidance is None:
+            return None
+        if self.guidance.split:
+            return halves_kwargs(uncond, kwargs, rows)
+        return doubled_kwargs(uncond, kwargs, rows)
+
+    def model_outputs(self, x: torch.Tensor, t: torch.Tensor, j: int, t_host: int, kwargs: dict, guided
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model call j on x (B, *shape) at the 0-dim timestep t: (out, out_uncond), both (B, *shape).
+
+        Unguided (or a step outside the guidance interval): the conditional call alone,
+        ``out_uncond`` None. Guided: one call on the doubled batch cat([x, x]) with the
+        unconditional half first (as the Stable Diffusion pipeline), or two calls when split;
+        ``guided`` is ``guided_kwargs``' result.
+        """
+        b = x.shape[0]
+        if self.guidance is None or self.guidance.calls[j] == 1:
+            return self.call_model(x, t.expand(b), kwargs, j, t_host), None
+        if self.guidance.split:
+            u = self.call_model(x, t.expand(b), guided[0], j, t_host)
+            return self.call_model(x, t.expand(b), guided[1], j, t_host, first=False), u
+        u, c = halves(self.call_model(torch.cat([x, x]), t.expand(2 * b), guided, j, t_host))
+        return c, u
 
     def x_T(self, b: int, first_index: int) -> torch.Tensor:
         """(b, *shape) fp32 initial noise of samples first_index .. + b, by the backend's own kernel."""
         self.step.set_rng(self.seed, first_index)
         return self.step.normal(b, self.shape, 0)
 
-    def call_model(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, j: int, t_host: int) -> torch.Tensor:
-        """One model call on x (B, *shape) in the run's dtype; checks the first output's shape."""
+    def call_model(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, j: int, t_host: int,
+                   first: bool = True) -> torch.Tensor:
+        """One model call on x (B, *shape) in the run's dtype; checks the first output's shape.
+        ``first=False``: step j's second call (split guidance), its finiteness or-ed into the first's."""
         if self.compile_mode is not None and self.compile_seconds == 0.0:
             t0 = time.perf_counter()
             with nvtx_range("fastddim.compile", self.device):
@@ -270,23 +310,26 @@ class Run:
             self._checked = True
         if self.learned_variance:
             out = out[:, : x.shape[1]]
-        self.flags.update(out, j)
+        self.flags.update(out, j, first)
         return out
 
-    def trajectory(self, x: torch.Tensor, first_index: int | None, kwargs: dict, callback=None) -> torch.Tensor:
+    def trajectory(self, x: torch.Tensor, first_index: int | None, kwargs: dict, callback=None,
+                   uncond: dict | None = None) -> torch.Tensor:
         """The S steps of one batch: x_T (B, *shape) fp32 -> x_0 (B, *shape) fp32.
 
         ``first_index`` None: the rng buffer already holds it (a CUDA graph sets it before replay).
+        kwargs / uncond: the batch's model_kwargs and (guided runs) unconditional kwargs, B rows.
         """
         if first_index is not None:
             self.step.set_rng(self.seed, first_index)
         b, low = x.shape[0], self.dtype != torch.float32
         x_in = x.to(self.dtype) if low else x
+        guided = self.guided_kwargs(kwargs, uncond or {}, b)
         x0 = None  # DPM-Solver++(2M): each step's x0 is the next one's x0_prev (DDIM ignores it)
         for j, t in enumerate(self.plan.timesteps):
             with nvtx_range(self.step_names[j], self.device):
-                out = self.call_model(x_in, self.t_dev[j].expand(b), kwargs, j, t)
-                res = self.step(x, out, j, None, x0)
+                out, out_uncond = self.model_outputs(x_in, self.t_dev[j], j, t, kwargs, guided)
+                res = self.step(x, out, j, None, x0, out_uncond)
             x, x0 = res[0], res[1]
             x_in = res[2] if low else x
             if callback is not None:
@@ -343,21 +386,22 @@ class Run:
     def _batch(self, x, b: int, idx0: int, callback, replay) -> torch.Tensor:
         rows = self.batch_size if (self.pad or replay is not None) else b
         kwargs = self.kwargs_for(idx0 - self.first_index, b, rows)
+        uncond = self.uncond_for(idx0 - self.first_index, b, rows)
         if replay is not None:
-            return replay(x, b, idx0, kwargs)
+            return replay(x, b, idx0, kwargs, uncond)
         self.flags.reset()
         if x is None:
             x = self.x_T(rows, idx0)
         else:
             x = pad(x, rows)
-        out = self.trajectory(x, idx0, kwargs, callback)
+        out = self.trajectory(x, idx0, kwargs, callback, uncond)
         self.check_batch(idx0)
         return out[:b]
 
     def _check_range(self, n: int, first_index: int, x_T) -> None:
         if first_index + n > 2**32:  # the noise counter holds the sample index in 32 bits
             raise ValueError(f"first_index + n must be <= 2**32, got {first_index + n}")
-        if self.per_sample_kwargs and not (self.first_index <= first_index and first_index + n <= self.first_index + self.n):
+        if (self.per_sample_kwargs or self.uncond_per_sample) and not (self.first_index <= first_index and first_index + n <= self.first_index + self.n):
             raise ValueError(
                 f"samples {first_index}..{first_index + n - 1} lie outside the {self.n} rows of the per-sample "
                 f"model_kwargs prepared for samples {self.first_index}..{self.first_index + self.n - 1}"
@@ -367,6 +411,15 @@ class Run:
                 raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
             if tuple(x_T.shape) != (n, *self.shape):
                 raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected (n, *shape) = {(n, *self.shape)}")
+
+
+def _batch_kwargs(shared: dict, per_sample: dict, start: int, b: int, rows: int | None) -> dict:
+    """shared, plus per_sample's rows start .. start + b padded to ``rows`` (default b)."""
+    rows = b if rows is None else rows
+    kw = dict(shared)
+    for k, v in per_sample.items():
+        kw[k] = pad(v[start:start + b], rows)
+    return kw
 
 
 def progress_bar(total: int, progress, desc: str, unit: str):
@@ -455,6 +508,12 @@ def prepare(
     check_finite: bool = True,
     need_x0: bool = False,
     solver: str = "ddim",
+    uncond_kwargs: dict | None = None,
+    guidance_scale: float | Sequence[float] = 1.0,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance: str = "cfg",
+    guidance_split: bool = False,
     pad: bool | None = None,
     x_like: torch.Tensor | None = None,
     plan: Plan | None = None,
@@ -468,7 +527,8 @@ def prepare(
     fill in ``shape``/``device`` when the model does not say. ``plan``: use this plan as is
     (``steps``, ``eta``, ``spacing``, ``solver`` and plan options are then ignored).
     ``solver``: ``"ddim"`` or ``"dpm++2m"`` (DPM-Solver++(2M), ``plan.make_dpm_plan``'s options in
-    ``plan_kwargs``; eta must stay 0).
+    ``plan_kwargs``; eta must stay 0). Guidance (``uncond_kwargs``, ``guidance_*``): see
+    ``fastddim.sample``; checked by ``guidance.make_guidance`` against the plan's timesteps.
     """
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -486,13 +546,19 @@ def prepare(
         solver = check_solver(solver, eta)
         with nvtx_range("fastddim.plan", dev):
             plan = plan_for(schedule, steps, eta, spacing, plan_kwargs, solver)
-    batch_size = default_batch_size(dev, n, shape) if batch_size is None else min(check_int("batch_size", batch_size, 1), n)
+    gd = _check_guidance(plan, n, model_kwargs, uncond_kwargs, guidance_scale, guidance_rescale, guidance_interval,
+                         guidance, guidance_split)
+    if batch_size is None:  # a doubled call holds twice the samples: the same elements per model call
+        batch_size = default_batch_size(dev, n, shape) // (2 if gd is not None and not gd.split else 1) or 1
+    batch_size = min(check_int("batch_size", batch_size, 1), n)
     shared, per_sample = split_model_kwargs(model_kwargs, n, dev, dtype)
+    u_shared, u_per_sample = split_model_kwargs(gd.uncond_kwargs if gd else None, n, dev, dtype)
     backend_name = resolve_backend(backend, dev)
     mode = _check_compile(compile, dev)
     copies.check_memory_format(memory_format)
     low = dtype if dtype != torch.float32 else None
-    step = make_step(backend_name, plan, seed, need_x0=step_needs_x0(plan, need_x0), device=dev, low_dtype=low)
+    step = make_step(backend_name, plan, seed, need_x0=step_needs_x0(plan, need_x0), device=dev, low_dtype=low,
+                     guidance=gd)
     calls = plan.steps * math.ceil(n / batch_size)
     probe = lambda: _probe_inputs(batch_size, shape, dtype, dev, plan.timesteps[0], shared, per_sample)  # noqa: E731
     layout = copies.choose_layout(memory_format, model, shape, backend_name, dtype, batch_size, calls, dev, probe)
@@ -502,8 +568,26 @@ def prepare(
         seed=seed, n=n, first_index=first_index, step=step, shared_kwargs=shared, per_sample_kwargs=per_sample,
         learned_variance=learned_variance, check_finite=bool(check_finite), compile_mode=mode,
         memory_format=layout.memory_format, pad=mode is not None if pad is None else bool(pad), layout=layout,
-        copy_bytes=copies.copy_bytes(model, dtype, layout.memory_format),
+        copy_bytes=copies.copy_bytes(model, dtype, layout.memory_format), guidance=gd, uncond_shared=u_shared,
+        uncond_per_sample=u_per_sample,
     )
+
+
+def _check_guidance(plan: Plan, n: int, model_kwargs, uncond_kwargs, scale, rescale, interval, method,
+                    split) -> Guidance | None:
+    """The run's guidance (make_guidance's checks, before any model call), or None when no step
+    calls the unconditional half (w = 1 everywhere: the conditional model alone, as before)."""
+    if not isinstance(split, bool):
+        raise TypeError(f"guidance_split must be a bool, got {type(split).__name__}")
+    gd = make_guidance(plan.timesteps, scale, rescale, interval, method, uncond_kwargs, model_kwargs, n, split)
+    if gd.method == "cfg++":
+        if plan.solver != "ddim":
+            raise ValueError(f"guidance='cfg++' is a DDIM update (its direction is the unconditional eps): "
+                             f"not with solver={plan.solver!r}")
+        if plan.use_clipped_model_output or plan.sigma_hat:
+            what = "use_clipped_model_output" if plan.use_clipped_model_output else "eta='sigma_hat'"
+            raise ValueError(f"guidance='cfg++' takes the direction's eps from the unconditional output: not with {what}")
+    return gd if gd.active else None
 
 
 def _probe_inputs(b: int, shape: tuple, dtype: torch.dtype, device: torch.device, t: int, shared: dict,

@@ -96,13 +96,22 @@ def clear_cache() -> None:
     _MODELS.clear()
 
 
-def _kwargs_layout(run) -> tuple:
+def _kwargs_layout(shared: dict, per_sample: dict) -> tuple:
     shared = tuple(sorted(
         (k, ("tensor", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("value", repr(v)))
-        for k, v in run.shared_kwargs.items()
+        for k, v in shared.items()
     ))
-    per_sample = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in run.per_sample_kwargs.items()))
+    per_sample = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in per_sample.items()))
     return shared, per_sample
+
+
+def _static_kwargs(shared: dict, per_sample: dict, rows: int, device: torch.device) -> dict:
+    """The graph's own kwargs buffers: per-sample tensors as (rows, ...) zeros (copied into per
+    batch), shared tensors cloned, non-tensors as they are."""
+    kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in shared.items()}
+    for k, v in per_sample.items():
+        kw[k] = torch.zeros((rows, *v.shape[1:]), dtype=v.dtype, device=device)
+    return kw
 
 
 def _weights(model) -> list[torch.Tensor]:
@@ -118,7 +127,8 @@ def _key(run) -> tuple:
         id(run.model), tuple(t.data_ptr() for t in _weights(run.model)), run.batch_size, run.shape, plan.timesteps,
         plan.table.numpy().tobytes(), plan.noise, repr(sorted(plan.describe().items())), run.dtype, run.device,
         run.backend, run.compile_mode, str(run.memory_format), run.learned_variance, run.check_finite,
-        _kwargs_layout(run),
+        _kwargs_layout(run.shared_kwargs, run.per_sample_kwargs), run.guidance,
+        _kwargs_layout(run.uncond_shared, run.uncond_per_sample),
     )
 
 
@@ -133,23 +143,21 @@ class _Graph:
         B = run.batch_size
         low = run.dtype if run.dtype != torch.float32 else None
         # x0 only where the solver reads it back (DPM-Solver++: made and consumed inside the graph)
-        step = Step(run.backend, run.plan, run.seed, need_x0=step_needs_x0(run.plan), device=run.device, low_dtype=low)
+        step = Step(run.backend, run.plan, run.seed, need_x0=step_needs_x0(run.plan), device=run.device, low_dtype=low,
+                    guidance=run.guidance)
         # A run of our own: its step, flags and timestep tensor are this graph's static buffers.
         self.run = dataclasses.replace(run, step=step)
         self.device = run.device
         self.x_in = torch.zeros((B, *run.shape), dtype=torch.float32, device=run.device)
-        self.kwargs = dict(run.shared_kwargs)
-        for k, v in run.per_sample_kwargs.items():
-            self.kwargs[k] = torch.zeros((B, *v.shape[1:]), dtype=v.dtype, device=run.device)
-        for k, v in run.shared_kwargs.items():
-            if isinstance(v, torch.Tensor):
-                self.kwargs[k] = v.clone()
+        # the guided trajectory's doubled kwargs are made inside the graph from these two
+        self.kwargs = _static_kwargs(run.shared_kwargs, run.per_sample_kwargs, B, run.device)
+        self.uncond = _static_kwargs(run.uncond_shared, run.uncond_per_sample, B, run.device)
         self.graph = torch.cuda.CUDAGraph()
         self.bytes = 0  # reserved-memory growth during capture (what the cache's memory bound counts)
         self.replays = 0
 
     def _body(self) -> torch.Tensor:
-        return self.run.trajectory(self.x_in, None, self.kwargs)
+        return self.run.trajectory(self.x_in, None, self.kwargs, None, self.uncond)
 
     def warm_up(self) -> None:
         """Compile Triton kernels, pick cuDNN algorithms, make cuBLAS handles, run torch.compile and
@@ -180,12 +188,15 @@ class _Graph:
         self.weights = _weights(self.run.model)  # addresses baked into the graph: keep them valid
         self.run.model = None
         self.run.shared_kwargs, self.run.per_sample_kwargs = {}, {}
+        self.run.uncond_shared, self.run.uncond_per_sample = {}, {}
         self.kwargs = {k: v for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)}
+        self.uncond = {k: v for k, v in self.uncond.items() if isinstance(v, torch.Tensor)}
 
     def pool(self):
         return self.graph.pool()
 
-    def replay(self, x: torch.Tensor | None, b: int, first_index: int, kwargs: dict, seed: int) -> torch.Tensor:
+    def replay(self, x: torch.Tensor | None, b: int, first_index: int, kwargs: dict, uncond: dict,
+               seed: int) -> torch.Tensor:
         """x_0 of samples first_index .. + b (b <= B): (b, *shape) fp32, cloned out of the pool."""
         r = self.run
         r.step.set_rng(seed, first_index)
@@ -194,9 +205,10 @@ class _Graph:
         else:
             self.x_in[:b].copy_(x)
             self.x_in[b:].zero_()
-        for k, v in kwargs.items():
-            if isinstance(v, torch.Tensor):
-                self.kwargs[k].copy_(v)
+        for static, given in ((self.kwargs, kwargs), (self.uncond, uncond)):
+            for k, v in given.items():
+                if isinstance(v, torch.Tensor):
+                    static[k].copy_(v)
         r.flags.reset()
         with nvtx_range("fastddim.replay", r.device):
             self.graph.replay()
@@ -306,7 +318,7 @@ def _failure_message(failed: _Failed, strict: bool) -> str:
 def captured(run, strict: bool = False) -> Callable | None:
     """A replay function for ``run``'s batches, capturing the trajectory on first use.
 
-    Returns ``replay(x, b, first_index, kwargs) -> (b, *shape)`` (each call counts one in
+    Returns ``replay(x, b, first_index, kwargs, uncond) -> (b, *shape)`` (each call counts one in
     ``run.graph_replays``), or None when capture failed and ``strict`` is False (the run then goes
     eagerly; a warning says why). ``strict``: raise ``CaptureError`` instead, from the cause.
     """
@@ -329,8 +341,8 @@ def captured(run, strict: bool = False) -> Callable | None:
         warnings.warn(_failure_message(entry, strict), RuntimeWarning, stacklevel=4)
         return None
 
-    def replay(x, b, first_index, kwargs):
-        out = entry.replay(x, b, first_index, kwargs, run.seed)
+    def replay(x, b, first_index, kwargs, uncond):
+        out = entry.replay(x, b, first_index, kwargs, uncond, run.seed)
         run.graph_replays += 1
         return out
 

@@ -7,6 +7,7 @@ step: the finiteness check is a device flag read once per batch).
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from typing import Any, Callable, Sequence
 
@@ -15,6 +16,7 @@ import torch
 from . import reference
 from .checks import check_int
 from .engine import FiniteFlags, Run, prepare, progress_bar, resolve_schedule, resolve_shape
+from .guidance import guide, make_guidance
 from .schedule import Schedule
 
 __all__ = ["sample", "invert", "interpolate", "info"]
@@ -53,10 +55,20 @@ def _record(kind: str, run: Run, n: int, seconds: float, **extra) -> None:
         kind=kind, backend=run.backend, device=str(run.device), timesteps=list(run.plan.timesteps), n=n,
         batch_size=run.batch_size, dtype=str(run.dtype).removeprefix("torch."), compile=run.compile_mode,
         solver=run.plan.solver, compile_seconds=run.compile_seconds, capture_seconds=run.capture_seconds, memory_format=str(run.memory_format).removeprefix("torch."),
-        seconds=seconds, copy_bytes=run.copy_bytes, **run.layout.info(),
+        seconds=seconds, copy_bytes=run.copy_bytes, **run.layout.info(), **_guidance_info(run),
     )
     _LAST_RUN.update(extra)
     log.info("%s: backend=%s device=%s n=%d steps=%d %.3fs", kind, run.backend, run.device, n, run.plan.steps, seconds)
+
+
+def _guidance_info(run: Run) -> dict:
+    """What info() says of the guidance: method, weights per step, and the model calls it cost."""
+    g = run.guidance
+    if g is None:
+        return {"guidance": None, "model_calls_per_sample": run.plan.steps}
+    return {"guidance": g.method, "guidance_weights": list(g.weights), "guidance_rescale": g.rescale,
+            "guidance_interval": g.interval, "guidance_split": g.split, "guided_steps": g.uncond_steps,
+            "model_calls_per_sample": run.plan.steps + g.uncond_steps}
 
 
 def check_graph(graph) -> bool | str:
@@ -106,6 +118,12 @@ def sample(
     graph: bool | str = "auto",
     learned_variance: bool = False,
     solver: str = "ddim",
+    uncond_kwargs: dict | None = None,
+    guidance_scale: float | Sequence[float] = 1.0,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance: str = "cfg",
+    guidance_split: bool = False,
     **plan_kwargs,
 ) -> torch.Tensor:
     """Draw ``n`` samples with DDIM (or DPM-Solver++(2M)) in ``steps`` model calls each.
@@ -174,6 +192,25 @@ def sample(
             Deterministic: ``eta`` must stay 0. Its spacings are ``"linspace"`` (default, as
             diffusers'), ``"leading"``, ``"trailing"`` or explicit timesteps; its plan options are
             ``plan.make_dpm_plan``'s (below). Not for ``invert``.
+        uncond_kwargs: classifier-free guidance's unconditional model kwargs (e.g.
+            ``{"class_labels": torch.tensor([model.null_class_label])}``, or a negative prompt's
+            ``encoder_hidden_states``): the same keys as ``model_kwargs``, tensors with leading
+            dimension n (sliced per batch) or 1 (one for all). Needed when any step is guided.
+        guidance_scale: w, diffusers' convention ``u + w * (c - u)`` on the raw model output
+            (a v-model is guided on v), finite and >= 0; 1 (default) is the conditional model
+            alone with no unconditional call. Or a sequence of one weight per step. A guided step
+            runs one model call on the doubled batch, the unconditional half first (the Stable
+            Diffusion pipeline's order), and the combine happens inside the fused step.
+        guidance_rescale: phi in [0, 1] of diffusers' ``rescale_noise_cfg`` (Lin et al. 2023):
+            per sample, the guided output rescaled towards the conditional one's std.
+        guidance_interval: (t_lo, t_hi): guide only the steps whose timestep lies in it
+            (inclusive; Kynkaenniemi et al. 2024); the others call the conditional model alone.
+        guidance: ``"cfg"`` (default) or ``"cfg++"`` (Chung et al. 2024: x0 from the guided
+            prediction, the direction from the unconditional one; guidance_scale is lambda in
+            [0, 1]; DDIM only).
+        guidance_split: run a guided step's two halves as two model calls of the batch size
+            (less memory) instead of one doubled call. The default batch size halves for a
+            doubled call, so a model call holds as many samples as unguided.
         **plan_kwargs: ``steps_offset``, ``prediction_type`` ("epsilon", "sample",
             "v_prediction"), ``clip_sample``, ``clip_sample_range``, ``thresholding``,
             ``dynamic_thresholding_ratio``, ``sample_max_value``; DDIM only: ``set_alpha_to_one``,
@@ -197,7 +234,9 @@ def sample(
         model, n, steps, eta=eta, schedule=schedule, spacing=spacing, shape=shape, seed=seed, first_index=first_index,
         batch_size=batch_size, device=device, dtype=dtype, model_kwargs=model_kwargs, backend=backend, compile=compile,
         memory_format=memory_format, learned_variance=learned_variance, check_finite=check_finite,
-        need_x0=callback is not None, x_like=x_T, solver=solver, **plan_kwargs,
+        need_x0=callback is not None, x_like=x_T, solver=solver, uncond_kwargs=uncond_kwargs,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+        guidance=guidance, guidance_split=guidance_split, **plan_kwargs,
     )
     use_graph = _use_graph(graph, run, callback)
     t0 = time.perf_counter()
@@ -228,6 +267,12 @@ def invert(
     memory_format: Any = "auto",
     learned_variance: bool = False,
     solver: str = "ddim",
+    uncond_kwargs: dict | None = None,
+    guidance_scale: float | Sequence[float] = 1.0,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance: str = "cfg",
+    guidance_split: bool = False,
     **plan_kwargs,
 ) -> torch.Tensor:
     """Encode images to latents with the deterministic DDIM ODE run forward (paper sec. 5.4).
@@ -257,6 +302,9 @@ def invert(
             arithmetic is the float32 reference's on every backend (``backend`` only changes how
             the model is called, e.g. channels_last).
         solver: ``"ddim"`` only: DPM-Solver++ inversion is not built (refused before any work).
+        uncond_kwargs, guidance_*: classifier-free guidance of every model call, as in ``sample``
+            (the interval by each call's timestep; as null-text inversion's guided pass does).
+            ``guidance="cfg++"`` is not built for inversion.
     Returns:
         x_T: (n, *shape) float32 on ``device``.
     """
@@ -268,17 +316,27 @@ def invert(
     if solver != "ddim":
         raise ValueError(f"solver={solver!r}: invert runs the DDIM ODE only (DPM-Solver++ inversion is not built); "
                          "decode its latents with solver='ddim'")
+    if guidance == "cfg++":
+        raise ValueError("guidance='cfg++': inversion with CFG++ is not built; use guidance='cfg'")
+    if not isinstance(guidance_scale, numbers.Real):  # its model calls are not the plan's steps
+        raise TypeError(f"guidance_scale: invert takes one number, got {type(guidance_scale).__name__}")
     n = x0.shape[0]
     schedule = resolve_schedule(model, schedule)
     run = prepare(
         model, n, steps, eta=0.0, schedule=schedule, spacing=spacing, shape=shape, batch_size=batch_size,
         device=device, dtype=dtype, model_kwargs=model_kwargs, compile=compile, memory_format=memory_format,
-        learned_variance=learned_variance, check_finite=check_finite, x_like=x0, **plan_kwargs,
+        learned_variance=learned_variance, check_finite=check_finite, x_like=x0, uncond_kwargs=uncond_kwargs,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+        guidance=guidance, guidance_split=guidance_split, **plan_kwargs,
     )
     if tuple(x0.shape[1:]) != run.shape:
         raise ValueError(f"x0 has shape {tuple(x0.shape)}, expected (n, *{run.shape})")
     points = reference.invert_points(run.plan, schedule.alphas_cumprod, convention)
     t_evals = [t for p in points for t in (p.t_eval, *[p.t_dst] * refine)]  # model calls, in order
+    if run.guidance is not None:  # the same guidance, tabled per model call (the interval by its timestep)
+        g = run.guidance
+        run.guidance = make_guidance(t_evals, guidance_scale, g.rescale, g.interval, g.method, g.uncond_kwargs,
+                                     model_kwargs, n, g.split)
     run.flags = FiniteFlags(len(t_evals), run.device, run.check_finite)  # one flag per model call
     t0 = time.perf_counter()
     result = torch.empty((n, *run.shape), dtype=torch.float32, device=run.device)
@@ -303,13 +361,18 @@ def _invert_batch(run: Run, x: torch.Tensor, start: int, points, refine: int, t_
     """Encode one batch x (B, *shape) fp32 through the points; model calls through the run."""
     b, calls = x.shape[0], [0]
     kwargs = run.kwargs_for(start, b)
+    guided = run.guided_kwargs(kwargs, run.uncond_for(start, b), b)
     run.flags.reset()
 
     def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xin = xt if run.dtype == torch.float32 else xt.to(run.dtype)
-        out = run.call_model(xin, t, kwargs, calls[0], t_evals[calls[0]])
+        k = calls[0]
+        out, out_uncond = run.model_outputs(xin, t[0], k, t_evals[k], kwargs, guided)
         calls[0] += 1
-        return out
+        if out_uncond is None:
+            return out
+        g = run.guidance  # the encoder's arithmetic is the reference's: the combine op for op too
+        return guide(out_uncond, out, g.weights[k], g.rescale)
 
     x = reference.invert_along(model_fn, x, points, run.plan, refine)
     j = run.flags.first_bad()

@@ -86,8 +86,8 @@ def test_trajectory_passes_each_steps_x0_to_the_next(monkeypatch):
     assert run.step.need_x0 and run.plan.orders == (1, 2, 2, 2, 2, 1)
     seen, real = [], type(run.step).__call__
 
-    def spy(step, x, out, j, first_index=None, x0_prev=None):
-        res = real(step, x, out, j, first_index, x0_prev)
+    def spy(step, x, out, j, first_index=None, x0_prev=None, out_uncond=None):
+        res = real(step, x, out, j, first_index, x0_prev, out_uncond)
         seen.append((j, x0_prev, res[1]))
         return res
 

@@ -111,7 +111,7 @@ class FakeGraph:
     def pool(self):
         return ("pool", id(self))
 
-    def replay(self, x, b, first_index, kwargs, seed):
+    def replay(self, x, b, first_index, kwargs, uncond, seed):
         self.replays += 1
         return torch.zeros((b, *self.shape))
 
