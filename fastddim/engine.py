@@ -559,9 +559,14 @@ def prepare(
     low = dtype if dtype != torch.float32 else None
     step = make_step(backend_name, plan, seed, need_x0=step_needs_x0(plan, need_x0), device=dev, low_dtype=low,
                      guidance=gd)
-    calls = plan.steps * math.ceil(n / batch_size)
-    probe = lambda: _probe_inputs(batch_size, shape, dtype, dev, plan.timesteps[0], shared, per_sample)  # noqa: E731
-    layout = copies.choose_layout(memory_format, model, shape, backend_name, dtype, batch_size, calls, dev, probe)
+    # the layout probe times the model as the run calls it: a doubled guided call holds 2 batches
+    doubled = gd is not None and not gd.split
+    rows = batch_size * (2 if doubled else 1)
+    calls = (plan.steps + (gd.uncond_steps if gd is not None and gd.split else 0)) * math.ceil(n / batch_size)
+    probe = lambda: _probe_inputs(  # noqa: E731
+        batch_size, shape, dtype, dev, plan.timesteps[0], _batch_kwargs(shared, per_sample, 0, batch_size, None),
+        _batch_kwargs(u_shared, u_per_sample, 0, batch_size, None) if doubled else None)
+    layout = copies.choose_layout(memory_format, model, shape, backend_name, dtype, rows, calls, dev, probe)
     called = copies.model_as_called(model, dtype, layout.memory_format, mode)
     return Run(
         model=called, plan=plan, schedule=schedule if isinstance(schedule, Schedule) else None, backend=backend_name, shape=shape, device=dev, dtype=dtype, batch_size=batch_size,
@@ -590,10 +595,12 @@ def _check_guidance(plan: Plan, n: int, model_kwargs, uncond_kwargs, scale, resc
     return gd if gd.active else None
 
 
-def _probe_inputs(b: int, shape: tuple, dtype: torch.dtype, device: torch.device, t: int, shared: dict,
-                  per_sample: dict) -> tuple:
-    """What the layout probe calls the model with: x (b, *shape) in dtype, t (b,), the first batch's kwargs."""
+def _probe_inputs(b: int, shape: tuple, dtype: torch.dtype, device: torch.device, t: int, kwargs: dict,
+                  uncond: dict | None) -> tuple:
+    """What the layout probe calls the model with: x (b, *shape) in dtype, t (b,), the first batch's
+    kwargs; with ``uncond`` (a doubled guided call), 2b rows and the doubled kwargs."""
     gen = torch.Generator(device).manual_seed(0)  # the global RNG is the user's: leave it alone
+    if uncond is not None:
+        kwargs, b = doubled_kwargs(uncond, kwargs, b), 2 * b
     x = torch.randn((b, *shape), generator=gen, device=device).to(dtype)
-    kwargs = {**shared, **{k: pad(v[:b], b) for k, v in per_sample.items()}}
     return x, torch.full((b,), t, dtype=torch.int64, device=device), kwargs

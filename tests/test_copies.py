@@ -160,7 +160,7 @@ def test_probe_times_both_layouts_and_keeps_neither_copy_nor_rng():
     net = ConvNet()
     state = torch.get_rng_state()
     run = engine.prepare(net, 2, 2)
-    x, t, kw = engine._probe_inputs(2, SHAPE, torch.float32, torch.device("cpu"), 999, run.shared_kwargs, {})
+    x, t, kw = engine._probe_inputs(2, SHAPE, torch.float32, torch.device("cpu"), 999, run.shared_kwargs, None)
     ms = copies.probe_ms(net, torch.float32, x, t, kw)
     assert len(ms) == 2 and all(m > 0 for m in ms)
     assert torch.equal(torch.get_rng_state(), state)
@@ -172,3 +172,11 @@ def test_memory_format_checked_before_any_model_call():
     net = ConvNet()
     with pytest.raises(ValueError, match="memory_format must be"):
         fastddim.sample(net, n=1, steps=2, memory_format="channels_last", progress=False)
+
+
+def test_probe_of_a_doubled_guided_call_times_the_call_the_run_makes():
+    """A guided run calls the model on 2b rows with [uncond; cond] kwargs: the probe times that."""
+    kw, uncond = {"class_labels": torch.tensor([1, 2])}, {"class_labels": torch.tensor([9])}
+    x, t, probe_kw = engine._probe_inputs(2, SHAPE, torch.float32, torch.device("cpu"), 999, kw, uncond)
+    assert x.shape == (4, *SHAPE) and t.shape == (4,)
+    assert probe_kw["class_labels"].tolist() == [9, 9, 1, 2]
