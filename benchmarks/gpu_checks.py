@@ -127,6 +127,31 @@ def graph_threshold_kwargs(cpu: bool) -> dict:
     return {"max_abs_diff": errs}
 
 
+def graph_guided(cpu: bool) -> dict:
+    """Classifier-free guidance inside a captured graph (doubled calls with per-sample labels and a
+    shared null label, rescale 0.7, an interval that leaves some steps conditional-only; and the
+    split calls), on each fused backend, equal to the eager loop."""
+    dev = _device(cpu)
+    model = CondConv(classes=5).to(dev).eval()  # label 4 plays the null label
+    labels = torch.arange(10, device=dev) % 4
+    base = dict(n=10, steps=6, eta=1.0, batch_size=4, seed=3, model_kwargs={"class_labels": labels},
+                uncond_kwargs={"class_labels": torch.tensor([4], device=dev)}, guidance_scale=4.0,
+                guidance_rescale=0.7, guidance_interval=(150, 850))
+    errs = {}
+    for backend in _fused(cpu):
+        if cpu and backend == "triton":
+            continue  # the interpreter: the size check covers it
+        for split in (False, True):
+            kw = dict(base, guidance_split=split, backend=backend)
+            eager = fastddim.sample(model, graph=False, progress=False, **kw)
+            g = _graphed(model, cpu, **kw)
+            errs[f"{backend}{'-split' if split else ''}"] = (g - eager).abs().max().item()
+    calls = fastddim.info()["last_run"]["model_calls_per_sample"]
+    if max(errs.values()) > 1e-5:
+        raise AssertionError(f"guided graph differs from eager: {errs}")
+    return {"max_abs_diff": errs, "model_calls_per_sample": calls}
+
+
 def graph_sync_free(cpu: bool) -> dict:
     """A replay of a captured trajectory (compiled model, bf16, thresholding) under
     torch.cuda.set_sync_debug_mode("error"): nothing between the batch's start and its output
@@ -177,6 +202,7 @@ def tiny_graph(cpu: bool) -> None:
 CHECKS = [
     ("triton_size_classes", triton_size_classes),
     ("graph_threshold_kwargs", graph_threshold_kwargs),
+    ("graph_guided", graph_guided),
     ("graph_sync_free", graph_sync_free),
     ("compile_graph_bf16_channels_last", compile_graph_bf16_channels_last),
     ("batch_past_int32", batch_past_int32),
