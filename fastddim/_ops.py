@@ -292,7 +292,7 @@ def rescale_ratio(out_uncond: torch.Tensor, out: torch.Tensor, w: float, backend
                          f"got {tuple(out_uncond.shape)} {out_uncond.dtype} and {tuple(out.shape)} {out.dtype}")
     if backend == "cpp" and _C is not None and hasattr(_C, "rescale_ratio"):
         return _C.rescale_ratio(out_uncond.contiguous(), out.contiguous(), float(w))
-    if backend == "triton" and out.device.type == "cuda":
+    if backend == "triton":  # a CUDA device, or CPU tensors under TRITON_INTERPRET=1 (as the step op)
         from fastddim.kernels import ddim_step as triton_step
 
         if hasattr(triton_step, "rescale_ratio"):
