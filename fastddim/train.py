@@ -8,8 +8,12 @@ the labels too, for classifier-free guidance (Ho & Salimans 2022): each label is
 null label with probability ``label_dropout``, so one network learns both the conditional and the
 unconditional prediction, ``model(x_t, t, class_labels=y)``.
 
-AdamW with linear warm-up, gradient-norm clipping, and an EMA of the weights (what sampling
-uses). Checkpoints are safetensors written atomically; resuming restores the weights, the EMA,
+AdamW with linear warm-up (then a constant rate, or a cosine decay over the run), gradient-norm
+clipping, and an EMA of the weights (what sampling uses). Options that trade quality for CPU time
+(issue 20's levers): ``loss_weighting="min-snr"`` (Hang et al. 2023, "Efficient Diffusion Training
+via Min-SNR Weighting Strategy": each t's eps loss weighted by min(SNR_t, gamma) / SNR_t), and
+``autocast="bf16"`` (the forward and backward in bfloat16 where torch's CPU autocast allows it;
+the weights, the optimizer and the loss stay float32). Checkpoints are safetensors written atomically; resuming restores the weights, the EMA,
 the optimizer state and every RNG, so N steps + resume + M steps gives the same weights as
 N + M steps in one run (on the same device and thread count). An existing checkpoint is never
 replaced unless asked (``resume`` continues it, ``overwrite`` starts over); Ctrl-C raises
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +42,9 @@ from .pretrained import FORMAT, load_checkpoint, schedule_to_json
 __all__ = ["train", "save_checkpoint", "export_weights", "TrainingInterrupted"]
 
 _SCHEDULES = ("linear", "scaled_linear", "cosine")
+LR_SCHEDULES = ("constant", "cosine")
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
+AUTOCASTS = (None, "bf16")
 
 
 def _resolve_config(model: str | UNetConfig | dict) -> UNetConfig:
@@ -170,8 +178,27 @@ def export_weights(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.
     save_checkpoint(dst, model=net, ema=net, step=ck.step, schedule_kind=kind, train_args=ck.train, dtype=dtype)
 
 
-def _lr_at(step: int, lr: float, warmup: int) -> float:
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+def _lr_at(step: int, lr: float, warmup: int, steps: int = 0, lr_schedule: str = "constant",
+           min_lr: float = 0.0) -> float:
+    """The learning rate of ``step``: linear warm-up over ``warmup`` steps, then ``lr``
+    ("constant") or a half cosine from ``lr`` down to ``min_lr`` at step ``steps`` ("cosine")."""
+    if warmup > 0 and step < warmup:
+        return lr * min(1.0, (step + 1) / warmup)
+    if lr_schedule == "cosine" and steps > warmup:
+        progress = min(1.0, (step - warmup) / (steps - warmup))
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights (B,) of the eps loss at timesteps t (B,): ones ("uniform", the DDPM
+    objective) or min(SNR_t, gamma) / SNR_t ("min-snr", Hang et al. 2023, eps-prediction form:
+    the easy low-noise steps count less, so the gradient is not spent on them)."""
+    if weighting == "uniform":
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    a = alphas_cumprod[t].float()
+    snr = a / (1 - a)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def _ema_decay_at(step: int, decay: float) -> float:
@@ -186,7 +213,8 @@ def train(
     ema_decay: float = 0.999, grad_clip: float = 1.0, seed: int = 0, out: str | os.PathLike = "checkpoint.safetensors",
     save_every: int = 500, resume: bool = False, overwrite: bool = False, log_file: str | os.PathLike | None = None,
     log_every: int = 50, device: str | torch.device | None = None, threads: int | None = None, progress: bool = True,
-    labels: torch.Tensor | None = None, label_dropout: float | None = None,
+    labels: torch.Tensor | None = None, label_dropout: float | None = None, lr_schedule: str = "constant",
+    min_lr: float = 0.0, loss_weighting: str = "uniform", snr_gamma: float = 5.0, autocast: str | None = None,
 ) -> dict:
     """Train a U-Net on the DDPM noise-prediction loss and write a safetensors checkpoint.
 
@@ -215,6 +243,13 @@ def train(
         label_dropout: probability that a training label is replaced by the null label
             (classifier-free training), drawn from the batch generator so that ``resume`` stays
             exact; class-conditional models only. Default: 0.1 for those, 0 otherwise.
+        lr_schedule: ``"constant"`` (default) or ``"cosine"``: after the warm-up, a half cosine
+            from ``lr`` to ``min_lr`` at step ``steps`` (so the schedule depends on ``steps``: a
+            resume continues it bit for bit only with the same ``steps``; a different one is refused).
+        loss_weighting: ``"uniform"`` (default, DDPM's) or ``"min-snr"`` with ``snr_gamma``
+            (:func:`loss_weights`).
+        autocast: None (float32) or ``"bf16"``: forward and backward under CPU/CUDA autocast in
+            bfloat16 (fast on CPUs with AVX-512 BF16 / AMX); weights, optimizer and loss float32.
 
     Returns:
         A summary: ``{"step", "loss" (mean over the last log window), "images_per_s",
@@ -232,6 +267,12 @@ def train(
     save_every, seed = check_int("save_every", save_every, 1), check_seed(seed)
     lr, weight_decay = check_float("lr", lr, 0), check_float("weight_decay", weight_decay, 0)
     ema_decay, grad_clip = check_float("ema_decay", ema_decay, 0, 1), check_float("grad_clip", grad_clip, 0)
+    _check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
+    _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+    _check_choice("autocast", autocast, AUTOCASTS)
+    min_lr, snr_gamma = check_float("min_lr", min_lr, 0, lr), check_float("snr_gamma", snr_gamma, 0)
+    if snr_gamma == 0:
+        raise ValueError("snr_gamma must be > 0")
     out = Path(output_file(out, "out"))
     if log_file is not None:
         log_file = output_file(log_file, "log_file")
@@ -241,6 +282,12 @@ def train(
     _check_data(data, cfg)
     label_dropout = _check_label_args(data, labels, label_dropout, cfg)
     ck = _resume_checkpoint(out, cfg) if resume and out.exists() else None
+    levers = dict(lr_schedule=lr_schedule, min_lr=min_lr, loss_weighting=loss_weighting, snr_gamma=snr_gamma,
+                  autocast=autocast)
+    if lr_schedule == "cosine":
+        levers["steps"] = steps  # the cosine is over the whole run: part of what a resume must match
+    if ck is not None:
+        _check_resume_levers(out, ck.train or {}, levers)
     if ck is not None and ck.step >= steps:
         return {"step": ck.step, "loss": None, "images_per_s": None, "seconds": 0.0, "path": str(out),
                 "already_done": True}
@@ -255,9 +302,12 @@ def train(
         model=cfg.to_dict(), data=data if isinstance(data, str) else f"tensor{tuple(x_data.shape)}",
         schedule=schedule, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
         ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, label_dropout=label_dropout,
+        **{k: v for k, v in levers.items() if v != _LEVER_DEFAULTS.get(k)},  # old runs' args unchanged
     )
     run = _Run.create(cfg, sched, x_data, device=device, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
-                      schedule_kind=schedule, train_args=train_args, y_data=y_data, label_dropout=label_dropout)
+                      schedule_kind=schedule, train_args=train_args, y_data=y_data, label_dropout=label_dropout,
+                      lr_schedule=lr_schedule, min_lr=min_lr, total_steps=steps, loss_weighting=loss_weighting,
+                      snr_gamma=snr_gamma, autocast=autocast)
     if ck is not None:
         run.restore(ck)
     with open(log_file, "a") if log_file else contextlib.nullcontext() as log:
@@ -266,6 +316,23 @@ def train(
         return run.loop(ck.step if ck is not None else 0, steps, batch_size=batch_size, lr=lr, warmup=warmup,
                         grad_clip=grad_clip, ema_decay=ema_decay, save_every=save_every, log_every=log_every,
                         log=log, progress=progress)
+
+
+_LEVER_DEFAULTS = dict(lr_schedule="constant", min_lr=0.0, loss_weighting="uniform", snr_gamma=5.0, autocast=None)
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_resume_levers(out: Path, saved: dict, levers: dict) -> None:
+    """A resume trains on as the checkpoint was trained: the same schedule, weighting and autocast."""
+    for k, v in levers.items():
+        was = saved.get(k, _LEVER_DEFAULTS.get(k))
+        if was != v:
+            raise ValueError(f"{out} was trained with {k}={was!r}; resuming with {k}={v!r} would not continue the "
+                             f"same run (pass {k}={was!r}, or overwrite)")
 
 
 def _resume_checkpoint(out: Path, cfg: UNetConfig):
@@ -295,6 +362,12 @@ class _Run:
     saved_step: int | None
     y_data: torch.Tensor | None = None
     label_dropout: float = 0.0
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
+    total_steps: int = 0
+    loss_weighting: str = "uniform"
+    snr_gamma: float = 5.0
+    autocast: str | None = None
 
     def __post_init__(self):
         self.alphas = self.sched.alphas_cumprod.to(self.device)
@@ -344,9 +417,9 @@ class _Run:
         a = alphas[t].view(-1, 1, 1, 1)
         mem = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=mem)
-        loss = torch.nn.functional.mse_loss(self.net(x_t, t, **self._class_kwargs(idx)), noise)
+        loss = self._loss(x_t, t, noise, idx)
         for g in self.opt.param_groups:
-            g["lr"] = _lr_at(step, lr, warmup)
+            g["lr"] = _lr_at(step, lr, warmup, self.total_steps, self.lr_schedule, self.min_lr)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -355,6 +428,18 @@ class _Run:
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), params, 1.0 - _ema_decay_at(step, ema_decay))
         return loss.item()  # one host sync per step is fine here: training is not the hot path
+
+    def _loss(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The weighted eps MSE of one batch (float32), the forward under autocast when asked."""
+        kwargs = self._class_kwargs(idx)
+        cast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast == "bf16"
+                else contextlib.nullcontext())
+        with cast:
+            pred = self.net(x_t, t, **kwargs)
+        if self.loss_weighting == "uniform":  # the DDPM objective, as before the levers existed
+            return torch.nn.functional.mse_loss(pred.float(), noise)
+        per_sample = (pred.float() - noise).square().flatten(1).mean(1)
+        return (loss_weights(self.alphas, t, self.loss_weighting, self.snr_gamma) * per_sample).mean()
 
     def _class_kwargs(self, idx: torch.Tensor) -> dict:
         """The batch's labels as model kwargs, each dropped to the null label with probability

@@ -315,3 +315,81 @@ def test_mnist_cond_smoke_run_from_the_command_line(tmp_path):
         assert torch.isfinite(m(x, torch.tensor([500, 500]), class_labels=torch.tensor([3, 10]))).all()
     assert main(["train", "--label-dropout", "0.1", "--steps", "1", "--out", str(tmp_path / "u.safetensors"),
                  "--no-progress"]) == 1  # the unconditional preset refuses it, one line
+
+
+# ------------------------------------------------------------------ issue 20's training levers
+LEVERS = dict(lr_schedule="cosine", min_lr=1e-5, loss_weighting="min-snr", snr_gamma=5.0, autocast="bf16")
+
+
+def test_cosine_lr_schedule():
+    from fastddim.train import _lr_at
+
+    lr = [_lr_at(s, 1e-3, 100, 1100, "cosine", 1e-4) for s in (0, 99, 100, 600, 1099, 1100, 5000)]
+    assert lr[:3] == pytest.approx([1e-5, 1e-3, 1e-3])
+    assert lr[3] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way down the half cosine
+    assert lr[4] == pytest.approx(1e-4, rel=1e-4) and lr[5] == lr[6] == pytest.approx(1e-4)
+    assert _lr_at(5000, 1e-3, 100, 1100) == 1e-3  # "constant": as before
+
+
+def test_min_snr_weights():
+    from fastddim.schedule import Schedule
+    from fastddim.train import loss_weights
+
+    a = Schedule.linear().alphas_cumprod
+    t = torch.tensor([0, 100, 500, 999])
+    snr = a[t] / (1 - a[t])
+    w = loss_weights(a, t, "min-snr", 5.0)
+    assert torch.allclose(w, torch.clamp(snr, max=5.0) / snr)
+    assert w[0] < 0.01 and w[-1] == 1.0  # the near-clean step counts little, the noisy ones fully
+    assert torch.equal(loss_weights(a, t, "uniform"), torch.ones(4))
+
+
+def test_levers_train_and_resume_bit_for_bit(tmp_path, monkeypatch):
+    """All levers at once: the loss falls, and an interrupted cosine run resumes to the same weights."""
+    from fastddim.train import TrainingInterrupted, _Run
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    log = tmp_path / "a.log"
+    train(steps=30, lr=3e-3, warmup=5, log_every=10, log_file=log, out=a, save_every=2, **LEVERS, **KW)
+    losses = _log_losses(log)
+    assert losses[-1] < 0.7 * losses[0], losses
+    real, calls = _Run.step, [0]
+
+    def step(self, *args, **kw):
+        calls[0] += 1
+        if calls[0] == 13:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(_Run, "step", step)
+    with pytest.raises(TrainingInterrupted):
+        train(steps=30, lr=3e-3, warmup=5, out=b, save_every=2, **LEVERS, **KW)
+    monkeypatch.setattr(_Run, "step", real)
+    assert load_checkpoint(b).step == 12
+    train(steps=30, lr=3e-3, warmup=5, out=b, save_every=2, resume=True, **LEVERS, **KW)
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    for k in ca.ema:
+        assert torch.equal(ca.ema[k], cb.ema[k]), k
+    assert ca.train["lr_schedule"] == "cosine" and ca.train["autocast"] == "bf16" and ca.train["steps"] == 30
+
+
+def test_resume_with_other_levers_refused(tmp_path):
+    path = tmp_path / "c.safetensors"
+    train(steps=2, out=path, lr_schedule="cosine", **KW)
+    with pytest.raises(ValueError, match="steps=2; resuming with steps=4"):
+        train(steps=4, out=path, resume=True, lr_schedule="cosine", **KW)
+    with pytest.raises(ValueError, match="loss_weighting='uniform'; resuming with loss_weighting='min-snr'"):
+        train(steps=2, out=path, resume=True, lr_schedule="cosine", loss_weighting="min-snr", **KW)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr_schedule="step"), "lr_schedule must be one of"),
+    (dict(loss_weighting="p2"), "loss_weighting must be one of"),
+    (dict(autocast="fp16"), "autocast must be one of"),
+    (dict(min_lr=1.0), "min_lr"),
+    (dict(snr_gamma=0.0), "snr_gamma must be > 0"),
+])
+def test_bad_lever_arguments(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        train(steps=1, out=tmp_path / "c.safetensors", **{**KW, **kw})
+    assert not (tmp_path / "c.safetensors").exists()

@@ -40,6 +40,14 @@ def add(sub) -> None:
     p.add_argument("--weight-decay", type=c.nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--ema-decay", type=c.float_type(0, 1), default=0.999, help="EMA decay in [0, 1] (default 0.999)")
     p.add_argument("--grad-clip", type=c.nonneg_float, default=1.0, help="max gradient norm, 0 = off (default 1)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="after the warm-up: constant, or a half cosine down to --min-lr at --steps (default constant)")
+    p.add_argument("--min-lr", type=c.nonneg_float, default=0.0, help="the cosine's final rate (default 0)")
+    p.add_argument("--loss-weighting", choices=("uniform", "min-snr"), default="uniform",
+                   help="eps loss per t: uniform (DDPM) or min(SNR, gamma) / SNR (Hang et al. 2023; default uniform)")
+    p.add_argument("--snr-gamma", type=c.float_type(1e-6), default=5.0, help="min-SNR's gamma, > 0 (default 5)")
+    p.add_argument("--autocast", choices=("bf16",), default=None,
+                   help="run forward and backward under bfloat16 autocast (weights, optimizer, loss stay float32)")
     p.add_argument("--seed", type=c.seed_type, default=0, help="seed of init, batches and noise (default 0)")
     p.add_argument("--out", "-o", default="checkpoint.safetensors",
                    help="checkpoint path, missing folders made (default checkpoint.safetensors)")
@@ -73,6 +81,8 @@ def run(args) -> int:
             ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed, out=args.out,
             save_every=args.save_every, resume=args.resume, overwrite=args.overwrite, log_file=args.log_file,
             log_every=args.log_every, device=args.device, threads=c.threads(args), label_dropout=args.label_dropout,
+            lr_schedule=args.lr_schedule, min_lr=args.min_lr, loss_weighting=args.loss_weighting,
+            snr_gamma=args.snr_gamma, autocast=args.autocast,
             progress=args.progress if args.progress is not None else sys.stderr.isatty(),
         )
     except TrainingInterrupted as e:
