@@ -31,6 +31,9 @@ again, with a warning.
 Class labels (conditional models): ``class_label=K`` gives every image label K; ``classes=C``
 gives image i the label i % C (so any n spreads evenly over the classes, and the label, like
 the noise, depends only on i). The model is called as ``model(x, t, class_labels=labels)``.
+Classifier-free guidance (``uncond_kwargs``, ``guidance_*``, as for ``fastddim.sample``) is part
+of the configuration when any step is guided (``guidance_split``, like the batch size, is not:
+it changes how the model is called, not what the step computes).
 
 Progress (rank 0 only): a tqdm bar of images done, images/s and ETA. It counts the images of the
 shards present in ``DIR/shards`` (polled at most twice a second, so it sees every rank's
@@ -40,7 +43,9 @@ keeps polling the folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import numbers
 import os
 import sys
 import time
@@ -154,8 +159,30 @@ def _run_device(model, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _digest(v) -> Any:
+    """A JSON-able stand-in for one kwarg value: a tensor's dtype, shape and sha256 of its bytes."""
+    if not isinstance(v, torch.Tensor):
+        return repr(v)
+    t = v.detach().to("cpu").contiguous()
+    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} sha256:" \
+           f"{hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]}"
+
+
+def _guidance_config(run: Run, scale) -> dict:
+    """The configuration keys of a guided run, named as ``generate``'s keywords so that a refused
+    resume names the option ({} unguided: the hash of an unguided job is what it was before
+    guidance existed). ``scale`` as given (normalised to floats; the interval maps it per step)."""
+    g = run.guidance
+    if g is None:
+        return {}
+    return {"guidance": g.method, "guidance_rescale": g.rescale,
+            "guidance_scale": float(scale) if isinstance(scale, numbers.Real) else [float(w) for w in scale],
+            "guidance_interval": None if g.interval is None else list(g.interval),
+            "uncond_kwargs": {k: _digest(v) for k, v in sorted(g.uncond_kwargs.items())}}
+
+
 def _describe(model, run: Run, *, spacing, shard_size: int, model_name: str | None, threads: int | None,
-              labels: dict | None) -> tuple[dict, dict]:
+              labels: dict | None, guidance: dict) -> tuple[dict, dict]:
     """(config, manifest): what a run's bytes depend on (hashed; checked on resume), and what it records."""
     from . import __version__
 
@@ -170,7 +197,7 @@ def _describe(model, run: Run, *, spacing, shard_size: int, model_name: str | No
         "dtype": str(dtype).replace("torch.", ""), "device_type": dev.type, "backend": backend,
         "image_format": "uint8 NHWC round((x+1)*127.5)", "threads": threads, "class_labels": labels,
         # channels_last reorders the model's fp32 sums: shards made in another layout may differ in the last bit
-        "memory_format": str(run.memory_format).replace("torch.", ""),
+        "memory_format": str(run.memory_format).replace("torch.", ""), **guidance,
     }
     manifest = {
         "model": model_name, "model_sha256": digest, "schedule": schedule.to_dict(), "steps": plan.steps,
@@ -185,6 +212,8 @@ def _describe(model, run: Run, *, spacing, shard_size: int, model_name: str | No
         "class_labels": None if labels is None else {
             **labels, "rule": f"every image has label {labels['class_label']}" if "class_label" in labels
             else f"image i has label i % {labels['classes']}"},
+        "guidance": None if not guidance else {**guidance, "guidance_split": run.guidance.split,
+                                               "guided_steps": run.guidance.uncond_steps},
         "config_hash": None, "config": config, "complete": False,
     }
     return config, manifest
@@ -250,7 +279,10 @@ def generate(
     shard_size: int = DEFAULT_SHARD_SIZE, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     backend: str = "auto", model_name: str | None = None, progress: bool | None = None,
     log: Callable[[str], None] | None = None, threads: int = 1, class_label: int | None = None,
-    classes: int | None = None, memory_format: Any = "auto", **plan_kwargs,
+    classes: int | None = None, memory_format: Any = "auto", uncond_kwargs: dict | None = None,
+    guidance_scale: float | Sequence[float] = 1.0, guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None, guidance: str = "cfg", guidance_split: bool = False,
+    **plan_kwargs,
 ) -> dict[str, Any] | None:
     """Make ``n`` samples into ``out_dir`` (see the module docstring), resuming what is there.
 
@@ -279,6 +311,10 @@ def generate(
             is the model's layout as given: a job's bytes must not depend on a timing, and the
             layout probe ``fastddim.sample`` runs could decide differently in another process or
             on resume (channels_last reorders fp32 sums). Part of the configuration.
+        uncond_kwargs, guidance_scale, guidance_rescale, guidance_interval, guidance, guidance_split:
+            classifier-free guidance, as for ``fastddim.sample`` (the conditional half's kwargs are
+            the class labels); e.g. ``uncond_kwargs={"class_labels": torch.tensor([model.null_class_label])}``.
+            Part of the configuration when a step is guided, except ``guidance_split``.
 
     Under ``torch.distributed`` (see ``init_distributed``) each rank makes its shards; call it
     on every rank with the same arguments. Returns the manifest dict on rank 0 (plus
@@ -301,11 +337,12 @@ def generate(
     run = prepare(model, n, steps, eta=eta, spacing=spacing, seed=seed, batch_size=batch_size, device=dev,
                   dtype=dtype, backend=backend, model_kwargs=None if job_labels is None else {"class_labels": job_labels},
                   memory_format=torch.contiguous_format if memory_format == "auto" else memory_format, solver=solver,
-                  **plan_kwargs)
+                  uncond_kwargs=uncond_kwargs, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                  guidance_interval=guidance_interval, guidance=guidance, guidance_split=guidance_split, **plan_kwargs)
     run.batch_size = batch_size = min(run.batch_size, shard_size)  # a batch never spans two shards
     threads = threads if dev.type == "cpu" else None
     config, manifest = _describe(model, run, spacing=spacing, shard_size=shard_size, model_name=model_name,
-                                 threads=threads, labels=labels)
+                                 threads=threads, labels=labels, guidance=_guidance_config(run, guidance_scale))
     folder = RunFolder(out_dir, config, n, shard_size, (*manifest["shape"][1:], manifest["shape"][0]))
     manifest.update(config_hash=folder.hash, batch_size=batch_size)
     old = folder.check()

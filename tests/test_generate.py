@@ -406,3 +406,91 @@ def test_auto_layout_never_probes(tiny, tmp_path, one_thread, monkeypatch):
     assert m["memory_format"] == "contiguous_format" and m["config"]["memory_format"] == "contiguous_format"
     m2 = generate(model, 8, 2, str(tmp_path / "cl"), memory_format=torch.channels_last, progress=False)
     assert m2["memory_format"] == "channels_last"
+
+
+# ------------------------------------------------------------------------------- guidance
+# The tiny Cond model's 4th label (3) serves as the null label; images get labels i % 3. Three
+# uniform steps visit t = 666, 333, 0: the interval guides the first two, the last runs unguided.
+GUIDED = dict(classes=3, guidance_scale=3.0, guidance_rescale=0.5, guidance_interval=(300, 1000), eta=0.5, seed=7)
+
+
+def _guided(model, out, **kw):
+    import torch
+
+    from fastddim.generate import generate
+
+    kw = {**GUIDED, "uncond_kwargs": {"class_labels": torch.tensor([3])}, "shard_size": 4, "device": "cpu",
+          "progress": False, "log": lambda s: None, **kw}
+    return generate(model, 10, 3, str(out), **kw)
+
+
+def test_guided_generate_same_bytes_in_any_batches_shards_and_calls(tiny, tmp_path, one_thread):
+    """A guided job is fastddim.sample's guided images, whatever the batch size, the order the
+    shards are made in and one doubled call or two split ones (the model is row-independent)."""
+    import torch
+
+    import fastddim
+    from fastddim.images import to_uint8
+
+    model = load_tiny(tiny, "cond")
+    a = _guided(model, tmp_path / "a", batch_size=4)
+    _guided(model, tmp_path / "b", batch_size=3, guidance_split=True)
+    assert read(tmp_path / "a" / "samples.npz") == read(tmp_path / "b" / "samples.npz")
+    os.remove(tmp_path / "b" / "shards" / "shard-00001.npz")  # remade alone, in a batch of 1
+    os.remove(tmp_path / "b" / "samples.npz")
+    _guided(model, tmp_path / "b", batch_size=1)
+    assert read(tmp_path / "a" / "samples.npz") == read(tmp_path / "b" / "samples.npz")
+    x = fastddim.sample(model, n=10, steps=3, eta=0.5, seed=7, batch_size=10, backend=a["backend"],
+                        model_kwargs={"class_labels": torch.arange(10) % 3},
+                        uncond_kwargs={"class_labels": torch.tensor([3])},
+                        **{k: GUIDED[k] for k in ("guidance_scale", "guidance_rescale", "guidance_interval")})
+    unguided = fastddim.sample(model, n=10, steps=3, eta=0.5, seed=7, model_kwargs={"class_labels": torch.arange(10) % 3})
+    with np.load(tmp_path / "a" / "samples.npz") as z:
+        np.testing.assert_array_equal(to_uint8(x), z["arr_0"])
+        assert not np.array_equal(to_uint8(unguided), z["arr_0"])  # the guidance is really applied
+    assert a["guidance"]["guided_steps"] == 2 and a["guidance"]["guidance_interval"] == [300.0, 1000.0]
+    assert a["config"]["guidance_scale"] == 3.0 and a["config"]["uncond_kwargs"]["class_labels"].startswith("int64 [1]")
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(guidance_scale=2.0), "guidance_scale: 3.0 there, 2.0 now"),
+    (dict(guidance_rescale=0.0), "guidance_rescale: 0.5 there, 0.0 now"),
+    (dict(guidance_interval=None), "guidance_interval"),
+    (dict(guidance="cfg++", guidance_scale=0.5, guidance_rescale=0.0), "guidance: 'cfg' there, 'cfg++' now"),
+    (dict(uncond_kwargs="other null label"), "uncond_kwargs.class_labels"),
+    (dict(guidance_scale=1.0), "guidance: 'cfg' there, None now"),
+])
+def test_guided_resume_with_other_guidance_is_refused_naming_it(tiny, tmp_path, one_thread, change, named):
+    import torch
+
+    from fastddim.generate import ConfigMismatch
+
+    model = load_tiny(tiny, "cond")
+    _guided(model, tmp_path / "run", batch_size=4)
+    os.remove(tmp_path / "run" / "shards" / "shard-00002.npz")
+    os.remove(tmp_path / "run" / "samples.npz")
+    before = read(tmp_path / "run" / "manifest.json")
+    if change.get("uncond_kwargs") == "other null label":
+        change = {"uncond_kwargs": {"class_labels": torch.tensor([2])}}
+    with pytest.raises(ConfigMismatch, match="different configuration") as e:
+        _guided(model, tmp_path / "run", batch_size=4, **change)
+    assert named in str(e.value)
+    assert read(tmp_path / "run" / "manifest.json") == before
+    # split calls are how the model is called, like the batch size: the same job, resumed
+    m = _guided(model, tmp_path / "run", batch_size=2, guidance_split=True)
+    assert m["complete"] and m["this_call"]["images_made"] == 2
+
+
+def test_unguided_configuration_has_no_guidance_keys(tiny, tmp_path, one_thread):
+    """Jobs made before guidance existed keep their configuration hash: unguided runs, w = 1 with
+    uncond_kwargs given included, add nothing to it."""
+    model = load_tiny(tiny, "cond")
+    a = _guided(model, tmp_path / "a", guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None)
+    b = _guided(model, tmp_path / "b", guidance_scale=1.0, guidance_rescale=0.0, guidance_interval=None,
+                uncond_kwargs=None)
+    assert a["guidance"] is None and not any(k.startswith(("guidance", "uncond")) for k in a["config"])
+    assert a["config_hash"] == b["config_hash"]
+    assert read(tmp_path / "a" / "samples.npz") == read(tmp_path / "b" / "samples.npz")
+    with pytest.raises(ValueError, match="uncond_kwargs"):  # refused before any work, naming it
+        _guided(model, tmp_path / "c", uncond_kwargs=None)
+    assert not (tmp_path / "c" / "manifest.json").exists()
