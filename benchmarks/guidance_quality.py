@@ -103,10 +103,10 @@ def commit() -> str:
 
 
 def save(path: str, res: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, path)
+    from fastddim.images import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(json.dumps(res, indent=1).encode())
 
 
 def run_cells(args) -> None:
