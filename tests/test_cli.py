@@ -706,3 +706,134 @@ def test_train_cifar10_on_mnist_is_refused_before_loading(cli, tmp_path, monkeyp
     p = cli("train", "--model", "cifar10", "--steps", 1, "--out", tmp_path / "ck.safetensors")
     assert_one_line_error(p, code=1, contains=["3x32x32", "MNIST", "1x32x32"])
     assert not (tmp_path / "ck.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- guidance
+def _mnist_cond_guided(n, steps, labels, **kw):
+    """The library's guided samples of the built-in mnist-cond, as uint8 (n, H, W, C)."""
+    import torch
+
+    import fastddim
+    from fastddim.images import to_uint8
+
+    model = fastddim.pretrained("mnist-cond")
+    return to_uint8(fastddim.sample(model, n=n, steps=steps, model_kwargs={"class_labels": labels},
+                                    uncond_kwargs={"class_labels": torch.tensor([model.null_class_label])}, **kw))
+
+
+def test_guided_sample_mnist_cond_subprocess(tmp_path):
+    """The issue's command, as a user types it: the library's guided images, and not the unguided ones."""
+    import torch
+
+    out = tmp_path / "sevens.npz"
+    p = run("sample", "--model", "mnist-cond", "--class-label", 7, "--guidance-scale", 3, "-n", 3, "--steps", 3,
+            "-o", out, check=0)
+    assert "cfg w=3" in p.stdout
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["arr_0"], _mnist_cond_guided(3, 3, torch.full((3,), 7), guidance_scale=3.0))
+        assert not np.array_equal(z["arr_0"], _mnist_cond_guided(3, 3, torch.full((3,), 7)))
+
+
+def test_guided_per_digit_grid_and_options(cli, tmp_path):
+    """--classes: image i guided towards digit i % C; --guidance-rescale, --guidance-interval,
+    --guidance cfg++ and --guidance-split reach the library as its keywords."""
+    import torch
+
+    labels = torch.arange(4) % 2
+    cases = [
+        ([], dict(guidance_scale=2.0)),
+        (["--guidance-rescale", 0.7, "--guidance-interval", 300, 1000, "--guidance-split"],
+         dict(guidance_scale=2.0, guidance_rescale=0.7, guidance_interval=(300, 1000))),
+        (["--guidance", "cfg++", "--guidance-scale", 0.5], dict(guidance="cfg++", guidance_scale=0.5)),
+    ]
+    for k, (flags, kw) in enumerate(cases):
+        out = tmp_path / f"g{k}.npz"
+        args = ["--guidance-scale", 2, *flags] if "--guidance-scale" not in flags else flags
+        cli("sample", "--model", "mnist-cond", "--classes", 2, "-n", 4, "--steps", 3, *args, "-o", out, check=0)
+        with np.load(out) as z:
+            np.testing.assert_array_equal(z["arr_0"], _mnist_cond_guided(4, 3, labels, **kw))
+
+
+@pytest.mark.parametrize("args, contains", [
+    (["--model", "TINY:gray", "--guidance-scale", "3"], ["--guidance-scale 3", "null class label"]),
+    (["--model", "TINY:cond", "--class-label", "1", "--guidance-scale", "3"], ["--guidance-scale 3", "null_class_label"]),
+    (["--model", "mnist-cond", "--guidance-scale", "3"], ["--guidance-scale 3", "--class-label", "--classes"]),
+    (["--model", "mnist-cond", "--guidance", "cfg++"], ["--guidance cfg++", "--class-label"]),
+    (["--class-label", "7", "--guidance-scale", "-1"], ["argument --guidance-scale", "got -1.0"]),
+    (["--class-label", "7", "--guidance-scale", "nan"], ["argument --guidance-scale", "got nan"]),
+    (["--class-label", "7", "--guidance-scale", "2", "--guidance-rescale", "1.5"],
+     ["argument --guidance-rescale", "[0.0, 1.0], got 1.5"]),
+    (["--class-label", "7", "--guidance-scale", "2", "--guidance-interval", "500", "100"],
+     ["--guidance-interval", "t_lo <= t_hi"]),
+    (["--class-label", "7", "--guidance-scale", "2", "--guidance-interval", "500"],
+     ["argument --guidance-interval", "expected 2 arguments"]),
+    (["--class-label", "7", "--guidance", "cfg++", "--guidance-scale", "2"], ["--guidance-scale", "lambda"]),
+    (["--class-label", "7", "--guidance", "cfg++", "--guidance-scale", "0.5", "--guidance-rescale", "0.5"],
+     ["--guidance-rescale", "cfg"]),
+    (["--class-label", "7", "--guidance", "pag"], ["argument --guidance", "invalid choice: 'pag'"]),
+    (["--class-label", "7", "--guidance-rescale", "0.5"], ["--guidance-rescale", "does nothing"]),
+    (["--class-label", "7", "--guidance-interval", "0", "500"], ["--guidance-interval", "does nothing"]),
+    (["--class-label", "7", "--guidance-split"], ["--guidance-split", "does nothing"]),
+])
+@pytest.mark.parametrize("cmd", ["sample", "generate", "invert"])
+def test_guidance_refused_in_one_line_before_any_work(cli, tiny, tmp_path, monkeypatch, cmd, args, contains):
+    import fastddim.engine
+
+    def no_work(*a, **k):
+        raise AssertionError("a run was prepared")
+
+    monkeypatch.setattr(fastddim.engine, "prepare", no_work)
+    for mod in ("fastddim.sampler", "fastddim.generate"):
+        monkeypatch.setattr(f"{mod}.prepare", no_work)
+    args = [a.replace("TINY", tiny) for a in args]
+    if cmd == "invert" and "cfg++" in args:  # not built for inversion: not a choice there
+        contains = ["--guidance", "invalid choice: 'cfg++'"]
+    if "--model" not in args:
+        args += ["--model", "mnist-cond"]
+    x = tmp_path / "x.npz"
+    np.savez(x, arr_0=np.zeros((1, 32, 32, 1), np.uint8))
+    out = {"sample": ["-o", tmp_path / "o.npz"], "generate": ["-n", 2, "--out", tmp_path / "run"],
+           "invert": ["-i", x, "-o", tmp_path / "z.npz"]}[cmd]
+    assert_one_line_error(cli(cmd, *args, *out, cwd=tmp_path), code=2, contains=contains)
+    assert not (tmp_path / "o.npz").exists() and not (tmp_path / "z.npz").exists()
+
+
+def test_guided_invert_and_generate(cli, tmp_path):
+    """invert: the library's guided inversion, and the options to decode it with; generate: the
+    guidance in the manifest, and a resume with another scale refused naming it."""
+    import torch
+
+    import fastddim
+
+    model = fastddim.pretrained("mnist-cond")
+    x = tmp_path / "x.npz"
+    np.savez(x, arr_0=_mnist_cond_guided(2, 3, torch.full((2,), 7), guidance_scale=2.0))
+    p = cli("invert", "-i", x, "--model", "mnist-cond", "--class-label", 7, "--guidance-scale", 2, "--steps", 3,
+            "-o", tmp_path / "z.npz", check=0)
+    assert "--latents" in p.stdout and "--class-label 7 --guidance-scale 2'" in p.stdout
+    from fastddim.images import from_uint8
+
+    with np.load(x) as zx:
+        want = fastddim.invert(model, from_uint8(zx["arr_0"]), steps=3, model_kwargs={"class_labels": torch.full((2,), 7)},
+                               uncond_kwargs={"class_labels": torch.tensor([10])}, guidance_scale=2.0)
+    with np.load(tmp_path / "z.npz") as z:
+        np.testing.assert_array_equal(z["arr_0"], want.numpy())
+    run_dir = tmp_path / "run"
+    gen = ["generate", "--model", "mnist-cond", "--classes", 10, "-n", 3, "--steps", 2, "--shard-size", 2,
+           "--out", run_dir]
+    cli(*gen, "--guidance-scale", 2, check=0)
+    import json
+
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["guidance"]["guidance_scale"] == 2.0 and m["config"]["guidance"] == "cfg"
+    with np.load(run_dir / "samples.npz") as z:
+        np.testing.assert_array_equal(z["arr_0"], _mnist_cond_guided(3, 2, torch.arange(3), guidance_scale=2.0))
+    assert_one_line_error(cli(*gen, "--guidance-scale", 3), code=1, contains=["guidance_scale: 2.0 there, 3.0 now"])
+
+
+@pytest.mark.parametrize("cmd", ["sample", "generate", "invert"])
+def test_help_lists_the_guidance_options(cli, cmd):
+    out = cli(cmd, "--help", check=0).stdout
+    for flag in ("--guidance-scale W", "--guidance-rescale PHI", "--guidance-interval T_LO T_HI", "--guidance {",
+                 "--guidance-split"):
+        assert flag in out, flag

@@ -173,7 +173,7 @@ def threads(args) -> int:
 
 
 # ------------------------------------------------------------------------------ class labels
-def _label_option(args) -> str | None:
+def label_option(args) -> str | None:
     if getattr(args, "class_label", None) is not None:
         return f"--class-label {args.class_label}"
     if getattr(args, "classes", None) is not None:
@@ -210,7 +210,7 @@ def model_classes(model) -> int | None | bool:
 
 def check_labels(model, args) -> None:
     """Refuse --class-label / --classes that the model cannot take, before any sampling."""
-    opt = _label_option(args)
+    opt = label_option(args)
     if opt is None:
         return
     n = model_classes(model)
@@ -229,7 +229,7 @@ def model_errors_name_labels(args) -> Iterator[None]:
     a device-side assert on CUDA) as one line that names the label option."""
     import torch
 
-    opt = _label_option(args)
+    opt = label_option(args)
     try:
         yield
     except (IndexError, RuntimeError) as e:

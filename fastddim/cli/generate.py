@@ -5,6 +5,7 @@ import os
 
 from ..paths import output_folder
 from . import common as c
+from . import guidance as g
 
 
 def add(sub) -> None:
@@ -20,7 +21,8 @@ def add(sub) -> None:
                "  torchrun --nproc_per_node=8 -m fastddim generate -n 50000 --steps 10 --out run/\n"
                "  fastddim generate --n 50000 --steps 100 --spacing quad --model ckpt.safetensors --out q100/\n"
                "  fastddim generate --n 50000 --steps 10 --solver dpm++2m --out dpm10/\n"
-               "  fastddim generate -n 10000 --model my.py:cond --classes 10 --out cond/   # 1,000 per class\n\n"
+               "  fastddim generate -n 10000 --model my.py:cond --classes 10 --out cond/   # 1,000 per class\n"
+               "  fastddim generate -n 10000 --model mnist-cond --classes 10 --guidance-scale 2 --out cfg2/\n\n"
                "The result is byte-identical for any number of processes, batch size and interruptions\n"
                "on one device type (on the CPU each process runs --threads torch threads, default 1).\n"
                "A folder holding another configuration is refused.",
@@ -36,6 +38,7 @@ def add(sub) -> None:
     c.add_labels(p)
     c.add_common(p, threads_note="; per process, and part of the configuration, so the bytes do not depend "
                                  "on the number of processes", solver=True)
+    g.add_guidance(p)
     p.set_defaults(func=run)
 
 
@@ -44,11 +47,13 @@ def run(args) -> int:
 
     output_folder(args.out, "--out")
     how = c.solver_kwargs(args)
+    guided = g.guidance_kwargs(args)
     try:
         rank, world, dev = init_distributed(args.device)
     except ValueError as e:
         raise c.CliError(str(e)) from None
     model, dev, backend = c.load(args, dev)
+    how.update(g.with_uncond(model, args, guided))
     try:
         with c.model_errors_name_labels(args):
             m = generate(

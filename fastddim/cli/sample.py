@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from . import common as c
+from . import guidance as g
 
 
 def add(sub) -> None:
@@ -17,7 +18,8 @@ def add(sub) -> None:
                "  fastddim sample --model ckpt.safetensors --spacing quad -o q.png\n"
                "  fastddim sample -n 64 --steps 10 --solver dpm++2m -o dpm.png   # DPM-Solver++(2M)\n"
                "  fastddim sample --latents latents.npz -o recon.png   # decode 'fastddim invert' output\n"
-               "  fastddim sample --model my.py:cond --classes 10 -n 100 -o grid.png   # image i: label i % 10\n\n"
+               "  fastddim sample --model my.py:cond --classes 10 -n 100 -o grid.png   # image i: label i % 10\n"
+               "  fastddim sample --model mnist-cond --class-label 7 --guidance-scale 3 -o sevens.png   # guided\n\n"
                "Image i depends only on (seed, i): -n, --batch-size and --first-index do not change it.\n"
                "Missing folders of -o are made.",
     )
@@ -32,6 +34,7 @@ def add(sub) -> None:
     p.add_argument("--nrow", type=c.positive_int, default=None, help="images per grid row (default ceil(sqrt(n)))")
     c.add_labels(p)
     c.add_common(p, latents=True, solver=True)
+    g.add_guidance(p)
     p.set_defaults(func=run)
 
 
@@ -43,6 +46,7 @@ def run(args) -> int:
 
     c.image_output(args.output)
     how = c.solver_kwargs(args)
+    guided = g.guidance_kwargs(args)
     x_T, steps = None, args.steps or 10
     if args.latents is not None:
         if args.solver != "ddim":
@@ -53,6 +57,7 @@ def run(args) -> int:
             raise c.CliError(f"-n {args.n} does not match the {x_T.shape[0]} latents in {args.latents}", 2)
     n = x_T.shape[0] if x_T is not None else args.n or 64
     model, dev, backend = c.load(args)
+    how.update(g.with_uncond(model, args, guided))
     with c.model_errors_name_labels(args):
         x, seconds = c.timed(dev, lambda: sample_range(
             model, args.first_index, args.first_index + n, args.batch_size, class_label=args.class_label,
@@ -61,7 +66,8 @@ def run(args) -> int:
         ))
     what = save_images(args.output, to_uint8(x), nrow=args.nrow, first_index=args.first_index)
     ran = fastddim.info()["last_run"].get("backend", backend)
-    print(f"{n} images in {seconds:.2f} s: {c.fmt_rate(n, seconds)} ({ran} backend, {dev}, {args.solver}, S={steps})")
+    print(f"{n} images in {seconds:.2f} s: {c.fmt_rate(n, seconds)} ({ran} backend, {dev}, {args.solver}, S={steps}"
+          f"{g.describe(guided)})")
     print(f"wrote {what}")
     return 0
 
