@@ -21,6 +21,8 @@ parameters), `cifar10` (fastddim's UNet("cifar10"), random weights; CUDA only). 
   fastddim-graph-compile-bf16  (CUDA) graph=True, compile=True, dtype=torch.bfloat16
   fastddim-nocheck, fastddim-bf16  (CPU diagnostics in the bar cells) check_finite=False on the
                          cheap model; dtype=torch.bfloat16 on the MNIST U-Net
+Guided cells (classifier-free guidance against the diffusers CFG loop; `-k guided`): see the
+section "guided cells" at the end of this file.
 Both sides run under inference mode (fastddim enters it itself), draw their own x_T inside the
 timed call, and sample the same schedule, timesteps and update (clip_sample=False).
 
@@ -570,17 +572,7 @@ def _run(benchmark, record_median, cell, contender):
     # Paired ratio in the bar cells: alternate diffusers-eager and this call, PAIRS times.
     key = (cell, contender)
     if key in BARS or contender in ("fastddim-nocheck", "fastddim-bf16"):
-        base_call, _ = make_call(cell, BASELINE)
-        ratios = []
-        for _ in range(PAIRS):
-            t0 = time.perf_counter()
-            base_call()
-            d = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            call()
-            ratios.append(d / (time.perf_counter() - t0))
-        info["paired_ratios"] = [round(r, 3) for r in ratios]
-        info["paired_ratio_median"] = round(sorted(ratios)[len(ratios) // 2], 3)
+        info.update(_paired(make_call(cell, BASELINE)[0], call))
 
     # The check (not timed): fastddim from the diffusers loop's x_T at eta = 0.
     if lib == "fastddim" and eta == 0.0:
@@ -595,3 +587,253 @@ def _run(benchmark, record_median, cell, contender):
     if info.get("check_tol") is not None:
         assert info["check_max_abs_diff"] <= info["check_tol"], (
             f"fastddim differs from the diffusers loop by {info['check_max_abs_diff']:.3g} (tol {info['check_tol']:g})")
+
+
+# ------------------------------------------------------------------------- guided cells (issue 18)
+# Classifier-free guidance against the diffusers CFG loop, one thread (CPU_THREADS), run with
+#     pytest benchmarks/bench_sample.py --benchmark-only -k guided -q
+# A guided cell is (device, model, n, S, eta, w, phi, threads). Models:
+#   cheap-cond  CheapCond (eps = 0.1 x + a class embedding, 3x32x32; the step dominates, not the
+#               model) with diffusers' DDIMScheduler(clip_sample=False), the issue's bar: >= 3x
+#   unet-cond   a tiny random UNet2DConditionModel (cross-attention, 4x32x32 latents) with Stable
+#               Diffusion's DDIM settings, encoder_hidden_states (8 tokens of 16) per sample and one
+#               shared negative prompt: exact, and at the model's floor (~1.0x expected)
+# Contenders: diffusers-eager (the Stable Diffusion pipeline's CFG body: the whole batch doubled in
+# one call, chunk, combine, rescale_noise_cfg when phi > 0, DDIMScheduler.step), fastddim-fullbatch
+# (batch_size=n, the same batch as diffusers), fastddim-eager (defaults: half the unguided default
+# batch per doubled call), fastddim-interval (batch_size=n, guidance_interval=GUIDED_INTERVAL:
+# about half the steps guided; paired against fastddim-fullbatch, i.e. full guidance).
+GUIDED_INTERVAL = (0, 500)  # t <= 500: the low-noise half (Kynkaenniemi et al. 2024 drop guidance at high noise)
+GUIDED_CELLS = {  # cell -> contenders, in run order
+    ("cpu", "cheap-cond", 1024, 20, 1.0, 5.0, 0.7): (BASELINE, "fastddim-fullbatch", "fastddim-eager"),
+    ("cpu", "unet-cond", 8, 10, 0.0, 7.5, 0.0): (BASELINE, "fastddim-fullbatch", "fastddim-interval"),
+}
+GUIDED_BARS = {("cheap-cond", c): ("(d) guided cheap model, n=1024, S=20, eta=1, w=5, rescale 0.7", 3.0)
+               for c in ("fastddim-fullbatch", "fastddim-eager")}
+# What a row's pairs run against: the diffusers loop, or full guidance for the interval row.
+PAIRED_AGAINST = {"fastddim-fullbatch": BASELINE, "fastddim-eager": BASELINE, "fastddim-interval": "fastddim-fullbatch"}
+
+
+class CheapCond(torch.nn.Module):
+    """eps = 0.1 * x + emb(class_labels): the cheap model with a class embedding (10 classes and the
+    null label 10), so the sampler's own cost of a guided step shows.
+
+    x: (B, C, H, W); class_labels: (B,) int64. Returns (B, C, H, W)."""
+
+    null_class_label = 10
+
+    def __init__(self, channels: int = 3, classes: int = 10):
+        super().__init__()
+        self.emb = torch.nn.Embedding(classes + 1, channels)
+
+    def forward(self, x, t, class_labels):
+        return 0.1 * x + self.emb(class_labels)[:, :, None, None]
+
+
+def _tiny_unet2d_cond():
+    """A small diffusers UNet2DConditionModel (0.25M parameters): cross-attention at 16x16 and in
+    the middle block; random weights (conv_out re-initialised so the output is not zero)."""
+    from diffusers import UNet2DConditionModel
+
+    m = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    )
+    return m.eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=None)
+def guided_setup(name: str, n: int, device: str):
+    """(module, shape, scheduler, fastddim schedule kwargs, cond kwargs, uncond kwargs), built once.
+
+    cond: one row per sample (leading dimension n); uncond: one row shared by all (leading 1), as
+    a pipeline's single negative prompt or a null label."""
+    torch.manual_seed(SEED)
+    if name == "cheap-cond":
+        sched = DDIMScheduler(clip_sample=False)
+        m, shape = CheapCond().requires_grad_(False).to(device), (3, 32, 32)
+        cond = {"class_labels": torch.arange(n, device=device) % 10}
+        uncond = {"class_labels": torch.tensor([m.null_class_label], device=device)}
+    elif name == "unet-cond":  # Stable Diffusion's scheduler settings
+        sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+        m, shape = _tiny_unet2d_cond().to(device), (4, 32, 32)
+        cond = {"encoder_hidden_states": torch.randn(n, 8, 16, device=device)}
+        uncond = {"encoder_hidden_states": torch.randn(1, 8, 16, device=device)}
+    else:
+        raise ValueError(name)
+    kw = dict(fastddim.from_diffusers(sched), shape=shape, device=device)
+    return m, shape, sched, kw, cond, uncond
+
+
+def _cfg_kwargs(cond: dict, uncond: dict, n: int) -> dict:
+    """The doubled call's kwargs as the pipeline builds them once: cat([uncond, cond]), uncond first."""
+    return {k: torch.cat([uncond[k].expand(n, *v.shape[1:]), v]) for k, v in cond.items()}
+
+
+def diffusers_cfg_loop(model, sched, n, S, eta, shape, cond, uncond, w, phi, device, x_T=None):
+    """The Stable Diffusion pipeline's denoising loop (diffusers 0.42.1) over the whole batch:
+    cat([x] * 2), scale_model_input, one call, chunk, u + w * (c - u), rescale_noise_cfg when
+    phi > 0, DDIMScheduler.step(eta, generator). Returns x_0 (n, *shape)."""
+    from diffusers.guiders.guider_utils import rescale_noise_cfg  # the pipelines' copy needs transformers
+
+    g = torch.Generator(device).manual_seed(SEED)
+    sched.set_timesteps(S)
+    x = torch.randn((n, *shape), generator=g, device=device) if x_T is None else x_T.clone()
+    kw = _cfg_kwargs(cond, uncond, n)
+    with torch.inference_mode():
+        for t in sched.timesteps:
+            x_in = sched.scale_model_input(torch.cat([x] * 2), t)
+            out = model(x_in, t, **kw)
+            out = out.sample if hasattr(out, "sample") else out
+            u, c = out.chunk(2)
+            out = u + w * (c - u)
+            if phi > 0:
+                out = rescale_noise_cfg(out, c, guidance_rescale=phi)
+            x = sched.step(out, t, x, eta=eta, generator=g).prev_sample
+    return x
+
+
+def make_guided_call(cell, contender, backend: str = "auto"):
+    """call(x_T=None, eta=None) -> x_0 for one contender of a guided cell (eta: the cell's unless given)."""
+    dev, name, n, S, eta0, w, phi, _ = cell
+    model, shape, sched, kw, cond, uncond = guided_setup(name, n, dev)
+    if contender == BASELINE:
+        return lambda x_T=None, eta=eta0: diffusers_cfg_loop(model, sched, n, S, eta, shape, cond, uncond, w, phi,
+                                                             dev, x_T)
+    extra = {"fastddim-fullbatch": {"batch_size": n}, "fastddim-eager": {},
+             "fastddim-interval": {"batch_size": n, "guidance_interval": GUIDED_INTERVAL}}[contender]
+
+    def call(x_T=None, eta=eta0):
+        return fastddim.sample(model, n, S, eta=eta, x_T=x_T, model_kwargs=cond, uncond_kwargs=uncond,
+                               guidance_scale=w, guidance_rescale=phi, backend=backend, **extra, **kw)
+
+    return call
+
+
+def _paired(base_call, call, pairs: int = PAIRS) -> dict:
+    """Alternate base_call and call `pairs` times: each pair's time ratio base / call, and their median."""
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        base_call()
+        d = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        call()
+        ratios.append(d / (time.perf_counter() - t0))
+    return {"paired_ratios": [round(r, 3) for r in ratios],
+            "paired_ratio_median": round(sorted(ratios)[len(ratios) // 2], 3)}
+
+
+def _guided_floor(cell, batch_size: int, guided_steps: int) -> dict:
+    """The floor of a guided run: per batch, guided_steps forwards of the doubled batch (2 x
+    batch_size rows, [uncond; cond] kwargs) and S - guided_steps of the conditional batch alone,
+    each forward of the module as given timed on its own (the cheap model's floor is not reported)."""
+    dev, name, n, S, *_ = cell
+    model, shape, _, _, cond, uncond = guided_setup(name, n, dev)
+    c = {k: v[:batch_size] for k, v in cond.items()}
+    t = torch.tensor(500)
+    with torch.inference_mode():
+        x = torch.randn((2 * batch_size, *shape), device=dev)
+
+    def forward(rows: int, kw: dict) -> float:
+        return _time_forward(lambda x, t: model_output(model, x, t, kw), x[:rows], t, dev, graph=False)["forward_seconds"]
+
+    f2 = forward(2 * batch_size, _cfg_kwargs(c, uncond, batch_size))
+    f1 = forward(batch_size, c) if guided_steps < S else None
+    batches = math.ceil(n / batch_size)
+    return {"forward_batch": batch_size, "forward_seconds_doubled": f2, "forward_seconds_single": f1,
+            "model_calls": batches * S, "floor_seconds": batches * (guided_steps * f2 + (S - guided_steps) * (f1 or 0.0))}
+
+
+_GUIDED_REF: dict = {}
+
+
+def guided_reference(cell):
+    """(x_T, the diffusers CFG loop's x_0 from it at eta = 0) of a cell, computed once."""
+    dev, name, n, S, _, w, phi, _ = cell
+    key = (dev, name, n, S, w, phi)
+    if key not in _GUIDED_REF:
+        shape = guided_setup(name, n, dev)[1]
+        x_T = torch.randn((n, *shape), generator=torch.Generator(dev).manual_seed(SEED + 1), device=dev)
+        _GUIDED_REF[key] = (x_T, make_guided_call(cell, BASELINE)(x_T=x_T, eta=0.0))
+    return _GUIDED_REF[key]
+
+
+def _guided_id(cell, contender) -> str:
+    dev, name, n, S, eta, w, phi, threads = cell
+    return f"guided-{dev}-{name}-n{n}-S{S}-eta{eta:g}-w{w:g}-phi{phi:g}-{threads}thr" + (f"-{contender}" if contender else "")
+
+
+def _guided_params():
+    return [pytest.param((*c, thr), k, id=_guided_id((*c, thr), k))
+            for thr in CPU_THREADS for c, ks in GUIDED_CELLS.items() for k in ks]
+
+
+@pytest.mark.skipif(diffusers is None, reason="needs diffusers (pip install diffusers): the baseline loop")
+@pytest.mark.parametrize("cell,contender", _guided_params())
+def test_guided(benchmark, record_median, cell, contender):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(cell[-1])
+    try:
+        _run_guided(benchmark, record_median, cell, contender)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run_guided(benchmark, record_median, cell, contender):
+    dev, name, n, S, eta, w, phi, threads = cell
+    cell_id = _guided_id(cell, "")
+    benchmark.group = cell_id
+    load_start = _loadavg()
+    call = make_guided_call(cell, contender)
+    t0 = time.perf_counter()
+    call()  # warm-up, untimed
+    warmup = time.perf_counter() - t0
+    last = fastddim.info()["last_run"] if contender != BASELINE else None
+    with PeakMemory(dev) as mem:
+        benchmark.pedantic(call, rounds=_rounds(warmup, dev), iterations=1, warmup_rounds=0)
+    median = benchmark.stats.stats.median
+    info = {
+        "cell": cell_id, "contender": contender, "library": "diffusers" if last is None else "fastddim", "model": name,
+        "n": n, "S": S, "eta": eta, "guidance_scale": w, "guidance_rescale": phi, "device": dev,
+        "device_name": _device_name(dev), "threads": torch.get_num_threads(), "nproc": os.cpu_count(),
+        "images_per_s": round(n / median, 3), "seconds_median": median, "seconds_min": benchmark.stats.stats.min,
+        "rounds": benchmark.stats.stats.rounds, "warmup_seconds": round(warmup, 3), "loadavg_start": load_start,
+        "command": " ".join(sys.argv), "speedup_vs_diffusers_eager": None, **mem.info(), **_versions(),
+    }
+    if last is None:
+        info.update(batch_size=n, model_calls_per_sample=2 * S, guided_steps=S)
+    else:
+        info.update({k: last[k] for k in ("batch_size", "backend", "memory_format", "guidance", "guidance_interval",
+                                          "guided_steps", "model_calls_per_sample")})
+    if name != "cheap-cond":  # the cheap model's forward would only restate the sampler's cost
+        info.update(_guided_floor(cell, info["batch_size"], info["guided_steps"]))
+        info["overhead"] = round(median / info["floor_seconds"] - 1, 4)
+    if contender in PAIRED_AGAINST:
+        info["paired_against"] = PAIRED_AGAINST[contender]
+        info.update(_paired(make_guided_call(cell, PAIRED_AGAINST[contender]), call))
+    if contender != BASELINE and info["guidance_interval"] is None:
+        info.update(_guided_check(cell, contender))
+    info["loadavg_end"] = _loadavg()
+    benchmark.extra_info.update(info)
+    bar = GUIDED_BARS.get((name, contender))
+    record_median(cell_id, contender, median, baseline=BASELINE, row=info, bar=bar and (f"{bar[0]}, {contender}", bar[1]))
+    for backend, diff, tol in info.get("checks", []):
+        assert diff <= tol, f"guided fastddim ({backend}) differs from the diffusers CFG loop by {diff:.3g} (tol {tol:g})"
+
+
+def _guided_check(cell, contender) -> dict:
+    """Untimed: the contender at eta = 0 from the diffusers CFG loop's own x_T, on backend="torch"
+    (bit for bit: tolerance 0) and on the default backend (within CHECK_TOL relative)."""
+    dev = cell[0]
+    x_T, ref = guided_reference(cell)
+    scale = max(1.0, ref.abs().max().item())
+    checks = []
+    for backend in ("torch", "auto"):
+        out = make_guided_call(cell, contender, backend)(x_T=x_T, eta=0.0)
+        ran = fastddim.info()["last_run"]["backend"]
+        tol = 0.0 if ran == "torch" else CHECK_TOL[(dev, False)] * scale
+        checks.append((ran, (out - ref).abs().max().item(), tol))
+    return {"checks": checks, "check_ref_max_abs": scale}
