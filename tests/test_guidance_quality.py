@@ -1,0 +1,60 @@
+"""benchmarks/guidance_quality.py (docs/guidance.md's numbers): its measure is the project's metric,
+checked on the held-out digits themselves, and a rerun resumes instead of redoing cells."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastddim import metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gq():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports benchmarks/machine.py
+    spec = importlib.util.spec_from_file_location("guidance_quality", ROOT / "benchmarks" / "guidance_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_of_the_heldout_digits_is_the_metric_itself(gq):
+    x, y = metrics.heldout_digits()
+    q = gq.quality(x, y)
+    assert q["fd"] < 1e-6  # the same set as the reference
+    assert q["accuracy"] == pytest.approx(metrics.heldout_accuracy())
+    assert q["asked_per_digit"] == torch.bincount(y, minlength=10).tolist()
+    assert sum(q["correct_per_digit"]) == round(q["accuracy"] * len(y))
+    assert q["predicted_hist"] == metrics.class_histogram(x).tolist()
+    spreads = [float(torch.cov(metrics.heldout_features()[y == d].double().T).trace().sqrt()) for d in range(10)]
+    assert q["spread"] == pytest.approx(sum(spreads) / 10, rel=1e-9)
+    wrong = gq.quality(x, (y + 1) % 10)  # every label wrong: the classifier agrees with almost none
+    assert wrong["accuracy"] < 0.05 and wrong["fd"] == q["fd"]
+
+
+def test_a_rerun_skips_the_cells_it_holds(gq, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure(model, n, steps, backend, guide):
+        calls.append((steps, guide))
+        return {"accuracy": 1.0, "fd": 0.0, "spread": 0.0, "seconds": 0.0, "ran": {"model_calls_per_sample": steps}}
+
+    monkeypatch.setattr(gq, "measure", fake_measure)
+    monkeypatch.setattr(gq.torch, "set_num_threads", lambda k: None)  # keep the test session's threads
+    out = tmp_path / "g.json"
+    argv = ["guidance_quality.py", "--n", "20", "--out", str(out), "--only", "w=2 S="]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert gq.main() == 0
+    assert calls == [(10, {"guidance_scale": 2.0}), (20, {"guidance_scale": 2.0})]
+    res = json.loads(out.read_text())
+    assert list(res["cells"]) == ["cfg w=2 S=10", "cfg w=2 S=20"] and len(res["sessions"]) == 1
+    before = out.read_bytes()
+    assert gq.main() == 0
+    assert len(calls) == 2 and out.read_bytes() == before  # nothing measured again, nothing rewritten
+    monkeypatch.setattr(sys, "argv", argv[:2] + ["30"] + argv[3:])
+    with pytest.raises(SystemExit, match="holds cells of n = 20"):
+        gq.main()
