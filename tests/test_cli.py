@@ -741,15 +741,16 @@ def test_guided_per_digit_grid_and_options(cli, tmp_path):
 
     labels = torch.arange(4) % 2
     cases = [
-        ([], dict(guidance_scale=2.0)),
+        ([], dict(guidance_scale=2.0), "cfg w=2)"),
         (["--guidance-rescale", 0.7, "--guidance-interval", 300, 1000, "--guidance-split"],
-         dict(guidance_scale=2.0, guidance_rescale=0.7, guidance_interval=(300, 1000))),
-        (["--guidance", "cfg++", "--guidance-scale", 0.5], dict(guidance="cfg++", guidance_scale=0.5)),
+         dict(guidance_scale=2.0, guidance_rescale=0.7, guidance_interval=(300, 1000)), "cfg w=2 rescale 0.7"),
+        (["--guidance", "cfg++", "--guidance-scale", 0.5], dict(guidance="cfg++", guidance_scale=0.5), "cfg++ lambda=0.5"),
     ]
-    for k, (flags, kw) in enumerate(cases):
+    for k, (flags, kw, said) in enumerate(cases):
         out = tmp_path / f"g{k}.npz"
         args = ["--guidance-scale", 2, *flags] if "--guidance-scale" not in flags else flags
-        cli("sample", "--model", "mnist-cond", "--classes", 2, "-n", 4, "--steps", 3, *args, "-o", out, check=0)
+        r = cli("sample", "--model", "mnist-cond", "--classes", 2, "-n", 4, "--steps", 3, *args, "-o", out, check=0)
+        assert said in r.stdout, r.stdout
         with np.load(out) as z:
             np.testing.assert_array_equal(z["arr_0"], _mnist_cond_guided(4, 3, labels, **kw))
 

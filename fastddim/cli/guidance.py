@@ -100,5 +100,5 @@ def describe(kw: dict) -> str:
     """What a report line says of the guidance ('' when off)."""
     if not kw:
         return ""
-    w = kw["guidance_scale"]
-    return f", {kw['guidance']} w={w:g}" + (f" rescale {kw['guidance_rescale']:g}" if kw["guidance_rescale"] else "")
+    w = f"{'lambda' if kw['guidance'] == 'cfg++' else 'w'}={kw['guidance_scale']:g}"
+    return f", {kw['guidance']} {w}" + (f" rescale {kw['guidance_rescale']:g}" if kw["guidance_rescale"] else "")
