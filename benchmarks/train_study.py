@@ -1,0 +1,145 @@
+"""Issue 20's training study: candidate recipes for the built-in MNIST model, compared on held-out
+eps MSE over t and a quick FD, before the long run.
+
+    python benchmarks/train_study.py train base --steps 400 --out runs/study     # one candidate
+    python benchmarks/train_study.py eval runs/study/base.safetensors --fd-n 500   # its figures
+    python benchmarks/train_study.py throughput                                    # s/step per recipe
+
+Each candidate trains through ``fastddim.train.train`` (so ``--resume`` continues it bit for bit)
+and logs to ``<out>/<name>.log``; ``eval`` writes ``<checkpoint>.eval.json``: the EMA weights'
+eps MSE on the 1,000 held-out digits at t in T_GRID (fixed noise, seed 0) and their mean, and the
+FD to the held-out digits of ``--fd-n`` DDIM samples (S = 20, eta = 0, seed 0). Compare
+candidates at equal cost: ``throughput`` measures seconds per optimizer step of each recipe
+side by side (interleaved rounds, one thread) on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fastddim.models.unet import UNet, UNetConfig
+from fastddim.schedule import Schedule
+
+T_GRID = (10, 100, 250, 500, 750, 900, 999)
+# name -> (UNetConfig changes to the "mnist" preset, train() keyword arguments)
+CANDIDATES = {
+    "base": ({}, {}),  # the packaged model's recipe (docs/training.md)
+    "w32-bf16-cos": ({"ch": 32}, {"autocast": "bf16", "lr_schedule": "cosine"}),
+    "w32-bf16-cos-snr": ({"ch": 32}, {"autocast": "bf16", "lr_schedule": "cosine", "loss_weighting": "min-snr"}),
+    "w16-cos-snr": ({}, {"lr_schedule": "cosine", "loss_weighting": "min-snr"}),
+}
+
+
+def config(name: str) -> UNetConfig:
+    return dataclasses.replace(UNetConfig.preset("mnist"), **CANDIDATES[name][0])
+
+
+def train_candidate(name: str, steps: int, out: Path, threads: int, batch_size: int, lr: float) -> dict:
+    from fastddim.train import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.safetensors"
+    return train(model=config(name), steps=steps, batch_size=batch_size, lr=lr, out=path, resume=path.exists(),
+                 save_every=100, log_file=out / f"{name}.log", log_every=50, threads=threads, progress=False,
+                 device="cpu", **CANDIDATES[name][1])
+
+
+@torch.inference_mode()
+def heldout_eps_mse(net: UNet, n: int = 1000) -> dict[int, float]:
+    """eps MSE of ``net`` on the first n held-out digits at each t of T_GRID (fixed noise)."""
+    from fastddim.metrics import heldout_digits
+
+    x0 = heldout_digits()[0][:n]
+    a_all = net.schedule.alphas_cumprod
+    gen = torch.Generator().manual_seed(0)
+    res = {}
+    for t in T_GRID:
+        eps = torch.randn(x0.shape, generator=gen)
+        a = a_all[t]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        pred = torch.cat([net(x_t[i:i + 250], torch.full((len(x_t[i:i + 250]),), t)) for i in range(0, n, 250)])
+        res[t] = float((pred - eps).square().mean())
+    return res
+
+
+def evaluate(path: Path, fd_n: int, threads: int) -> dict:
+    import fastddim
+    from fastddim.metrics import fd_to_heldout
+    from fastddim.pretrained import load_checkpoint
+
+    torch.set_num_threads(threads)
+    ck = load_checkpoint(path)
+    net = UNet(ck.config, schedule=ck.schedule).eval()
+    net.load_state_dict(ck.ema)
+    t0 = time.perf_counter()
+    mse = heldout_eps_mse(net)
+    res = {"checkpoint": str(path), "step": ck.step, "train": ck.train, "eps_mse": mse,
+           "eps_mse_mean": sum(mse.values()) / len(mse)}
+    if fd_n:
+        x = fastddim.sample(net, n=fd_n, steps=20, seed=0, progress=False)
+        res.update(fd_n=fd_n, fd_S20=fd_to_heldout(x.clamp(-1, 1)))
+    res["eval_seconds"] = time.perf_counter() - t0
+    Path(f"{path}.eval.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def throughput(names: list[str], batch_size: int, rounds: int, reps: int) -> dict:
+    """Seconds per optimizer step of each recipe, interleaved rounds (min over rounds)."""
+    from fastddim.train import _Run
+
+    torch.set_num_threads(1)
+    runs = {}
+    for name in names:
+        cfg = config(name)
+        kw = CANDIDATES[name][1]
+        runs[name] = _Run.create(cfg, Schedule.linear(), torch.randn(256, 1, 32, 32).clamp(-1, 1), device=torch.device("cpu"),
+                                 lr=1e-3, weight_decay=0.0, seed=0, out=Path("unused"), schedule_kind="linear",
+                                 train_args={}, total_steps=1000,
+                                 **{k: v for k, v in kw.items() if k in ("lr_schedule", "loss_weighting", "autocast")})
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            run.step(0, batch_size, 1e-3, 0, 1.0, 0.999)  # warm
+            t0 = time.perf_counter()
+            for s in range(reps):
+                run.step(s, batch_size, 1e-3, 0, 1.0, 0.999)
+            times[name].append((time.perf_counter() - t0) / reps)
+    return {n: {"s_per_step_min": min(v), "s_per_step": v,
+                "params": sum(p.numel() for p in runs[n].net.parameters())} for n, v in times.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("name", choices=sorted(CANDIDATES))
+    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--out", type=Path, default=Path("runs/study"))
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    e = sub.add_parser("eval")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("--fd-n", type=int, default=500)
+    e.add_argument("--threads", type=int, default=1)
+    h = sub.add_parser("throughput")
+    h.add_argument("names", nargs="*", default=sorted(CANDIDATES))
+    h.add_argument("--batch-size", type=int, default=64)
+    h.add_argument("--rounds", type=int, default=3)
+    h.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.cmd == "train":
+        print(json.dumps(train_candidate(args.name, args.steps, args.out, args.threads, args.batch_size, args.lr)))
+    elif args.cmd == "eval":
+        print(json.dumps(evaluate(args.checkpoint, args.fd_n, args.threads), indent=1))
+    else:
+        print(json.dumps(throughput(args.names, args.batch_size, args.rounds, args.reps), indent=1))
+
+
+if __name__ == "__main__":
+    main()
