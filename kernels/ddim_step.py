@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddim._ops import CLIP_NONE, GUIDE_NONE, rng_state  # one home for the codes (PRED_CODES, CLIP_*) and rng
+from fastddim._ops import CLIP_NONE, GUIDE_CFG, GUIDE_NONE, rng_state  # one home for the codes (PRED_CODES, CLIP_*) and rng
 
 __all__ = ["ddim_step", "rescale_ratio", "normal_", "philox4x32"]
 
@@ -254,7 +254,7 @@ def ddim_step(
     solver: fastddim._ops.SOLVER_* (DPM codes: x0 given; x0_prev (B, *shape) contiguous fp32 read
     by SOLVER_DPM2). guide: fastddim._ops.GUIDE_* (out is then the conditional output; out_uncond
     the unconditional one, out's shape and dtype, contiguous; w the scale; ratio (B,) fp32 and phi
-    the rescale of GUIDE_CFG, see fastddim._ops.ddim_step).
+    the rescale of GUIDE_CFG, see fastddim._ops.ddim_step; GUIDE_CFG at w == 1 is the unguided step on out).
 
     x, x_prev, x0: (B, *shape) contiguous fp32; out: (B, *shape) fp32/bf16/fp16; x_low: bf16 or
     fp16; table: (S, 6) fp32; rng: int64 (2,) = (seed bits, first_index); s: (B,) fp32 thresholds
@@ -265,6 +265,10 @@ def ddim_step(
     groups = (numel + 3) // 4
     if b == 0 or numel == 0:
         return
+    if guide == GUIDE_CFG and w == 1.0:
+        # c alone, as fastddim.guidance.guide and diffusers (u + 1 * (c - u) is not c to the bit; no
+        # rescale): the unguided variant, as fastddim._C decides it. w is host data, so no sync.
+        guide, out_uncond, ratio = GUIDE_NONE, None, None
     block = _block(groups)
     grid = (b, triton.cdiv(groups, block))
     # Unused pointers get a tensor of the type a used one would have: no extra compiled variants.

@@ -1,7 +1,10 @@
 """The guided Triton step (GUIDE_CFG with and without the rescale, GUIDE_CFGPP) and the rescale's
 reduction (``fastddim.kernels.ddim_step.rescale_ratio``) against the contract's oracles, under the
 interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1 without a GPU), on small shapes:
-a sample size that is not a multiple of 4 nor 16, and one that is a multiple of 16.
+a sample size that is not a multiple of 4 nor 16, and one that is a multiple of 16. The step's
+parity over every prediction type, clip mode, dtype, solver and output lives in
+tests/test_guided_step.py (cpp and triton, on the helpers defined here); this file holds the cases
+it leaves out and the reduction's.
 
 Oracles (issue 18, fastddim/_ops.py): CFG ``reference.ddim_step(x, guidance.guide(u, c, w, phi), ...)``
 (``reference.dpm_solver_step`` for a DPM plan); CFG++ ``reference.ddim_step(x, g, ..., out_eps=u)``
@@ -19,10 +22,16 @@ from fastddim.dispatch import available_backends, threshold_scale
 from fastddim.noise import normal_like_batch
 from fastddim.plan import make_plan
 
-from test_ddim_step import DPM_CLIPS, DPM_S, PREDS, SCHEDULE, S, assert_close, dpm_plan  # one home for these
+from test_ddim_step import PREDS, SCHEDULE, S, assert_close  # one home for these
 
-pytestmark = pytest.mark.skipif(available_backends(torch.device("cpu"))["triton"] is not None,
-                                reason=str(available_backends(torch.device("cpu"))["triton"]))
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_the_cpu(request):
+    """The CPU cases need the interpreter (a GPU machine runs the `gpu` ones, at the end, instead)."""
+    reason = available_backends(torch.device("cpu"))["triton"]
+    if reason is not None and "gpu" not in request.keywords:
+        pytest.skip(reason)
 
 SHAPES = [(3, 2, 5, 7), (2, 3, 4, 4)]  # 70 elements per sample (not a multiple of 4), 48 (of 16)
 W, PHI, LAM = 7.5, 0.7, 0.6  # a large w: the guided x0 leaves [-1, 1], so the clip modes bite
@@ -38,11 +47,11 @@ CLIPS = {
 TOLS = [pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"), pytest.param(torch.bfloat16, 1e-5, 1e-5, id="bf16")]
 
 
-def outputs(shape, dtype, seed=0):
-    """x (fp32), u, c (dtype): the conditional output with a mean of its own, as a real model's."""
+def outputs(shape, dtype, seed=0, device="cpu"):
+    """x (fp32), u, c (dtype) on ``device``: the conditional output with a mean of its own, as a real model's."""
     g = torch.Generator().manual_seed(seed)
     x, u, c = (torch.randn(shape, generator=g) for _ in range(3))
-    return x, u.to(dtype), (c + 0.5).to(dtype)
+    return x.to(device), u.to(device, dtype), (c + 0.5).to(device, dtype)
 
 
 def fused(plan, x, u, c, j, guide, w, *, phi=0.0, ratio=None, seed=11, first=5, need_x0=True, low_dtype=None,
@@ -50,10 +59,10 @@ def fused(plan, x, u, c, j, guide, w, *, phi=0.0, ratio=None, seed=11, first=5, 
     """The Triton op on plan's step j with guidance; s (thresholding) from the guided output ``s_from``.
     clip: a name in CLIPS (matching the plan's options), or the kernel's (code, range)."""
     code, clip_range = CLIPS[clip][1:] if isinstance(clip, str) else clip
-    s = threshold_scale(x, s_from, plan.table, j, plan) if code == _ops.CLIP_THRESHOLD else None
+    s = threshold_scale(x, s_from, plan.table.to(x.device), j, plan) if code == _ops.CLIP_THRESHOLD else None
     ddim = solver == _ops.SOLVER_DDIM
-    return _ops.ddim_step(
-        x, c, plan.table, j, _ops.rng_state(seed, first, "cpu"), s, "triton", _ops.PRED_CODES[plan.prediction_type],
+    return _ops.ddim_step(  # the table and rng on x's device, as dispatch.Step keeps them
+        x, c, plan.table.to(x.device), j, _ops.rng_state(seed, first, x.device), s, "triton", _ops.PRED_CODES[plan.prediction_type],
         code, clip_range, ddim and plan.use_clipped_model_output, ddim and plan.sigma_hat, ddim and plan.noise[j],
         need_x0, low_dtype, x0_prev, solver, out_uncond=u, guide=guide, w=w, phi=phi, ratio=ratio,
     )
@@ -68,24 +77,22 @@ def check(got, want, atol, rtol, what):
     assert_close(got[0], want[0], atol, rtol, what + " x_prev")
 
 
-# ------------------------------------------------------------------------------- GUIDE_CFG, DDIM
-@pytest.mark.parametrize("dtype,atol,rtol", TOLS)
-@pytest.mark.parametrize("rescale", [False, True], ids=["cfg", "cfg+rescale"])
-@pytest.mark.parametrize("clip", [*CLIPS, "range+clipped_eps"])
+# The guided step's parity on every prediction type, clip mode, dtype, solver and output is
+# tests/test_guided_step.py's, parametrized over cpp and triton (it imports the helpers above). Here:
+# what it does not cover, on the Triton kernel.
 @pytest.mark.parametrize("eta", [0.0, 1.0], ids=str)
 @pytest.mark.parametrize("pred", PREDS)
-def test_cfg_step_matches_reference(pred, eta, clip, rescale, dtype, atol, rtol):
-    opts = dict(CLIPS["range"][0], use_clipped_model_output=True) if clip == "range+clipped_eps" else CLIPS[clip][0]
-    plan = make_plan(SCHEDULE, S, eta=eta, prediction_type=pred, **opts)
-    phi = PHI if rescale else 0.0
+def test_cfg_with_eps_from_the_clipped_x0_matches_reference(pred, eta):
+    """use_clipped_model_output: the direction's eps re-derived from the clipped guided x0."""
+    plan = make_plan(SCHEDULE, S, eta=eta, prediction_type=pred, **CLIPS["range"][0], use_clipped_model_output=True)
     for shape in SHAPES:
-        x, u, c = outputs(shape, dtype)
-        g = guidance.guide(u.float(), c.float(), W, phi)
-        ratio = guidance.rescale_ratio_torch(u, c, W) if rescale else None
-        for j in (0, S // 2, S - 1):
-            got = fused(plan, x, u, c, j, _ops.GUIDE_CFG, W, phi=phi, ratio=ratio, s_from=g, clip=clip.split("+")[0])
-            want = reference.ddim_step(x, g, plan, j, noise(plan, x, j))
-            check(got, want, atol, rtol, f"cfg {pred} eta={eta} {clip} phi={phi} {dtype} {shape} j={j}")
+        x, u, c = outputs(shape, torch.bfloat16)
+        g = guidance.guide(u.float(), c.float(), W, PHI)
+        ratio = guidance.rescale_ratio_torch(u, c, W)
+        for j in (0, S - 1):  # the first step and the last (to a_prev = 1), as test_ddim_step's Triton cases
+            got = fused(plan, x, u, c, j, _ops.GUIDE_CFG, W, phi=PHI, ratio=ratio, clip="range")
+            check(got, reference.ddim_step(x, g, plan, j, noise(plan, x, j)), 1e-5, 1e-5,
+                  f"cfg clipped_eps {pred} eta={eta} {shape} j={j}")
 
 
 def test_cfg_sigma_hat_matches_reference():
@@ -99,81 +106,27 @@ def test_cfg_sigma_hat_matches_reference():
         check(got, reference.ddim_step(x, g, plan, j, noise(plan, x, j)), 1e-5, 1e-5, f"cfg sigma_hat j={j}")
 
 
-def test_cfg_really_reads_both_outputs_and_the_ratio():
-    """Each input moves the result: a kernel that ignored u, w, the ratio or phi would fail here
-    (u = c would make any w look right)."""
-    plan = make_plan(SCHEDULE, S, eta=0.0)
-    x, u, c = outputs(SHAPES[0], torch.float32)
-    ratio = guidance.rescale_ratio_torch(u, c, W)
-    base = fused(plan, x, u, c, 2, _ops.GUIDE_CFG, W, phi=PHI, ratio=ratio)[0]
-    for change in (dict(u=u + 0.25), dict(w=W + 1.0), dict(ratio=ratio * 1.5), dict(phi=0.2)):
-        kw = {**dict(u=u, w=W, ratio=ratio, phi=PHI), **change}
-        other = fused(plan, x, kw["u"], c, 2, _ops.GUIDE_CFG, kw["w"], phi=kw["phi"], ratio=kw["ratio"])[0]
-        assert not torch.equal(other, base), change
-
-
-# ---------------------------------------------------------------------------- GUIDE_CFGPP, DDIM
 @pytest.mark.parametrize("dtype,atol,rtol", TOLS)
-@pytest.mark.parametrize("clip", list(CLIPS))
-@pytest.mark.parametrize("eta", [0.0, 1.0], ids=str)
 @pytest.mark.parametrize("pred", PREDS)
-def test_cfgpp_step_matches_reference(pred, eta, clip, dtype, atol, rtol):
-    plan = make_plan(SCHEDULE, S, eta=eta, prediction_type=pred, **CLIPS[clip][0])
+def test_cfgpp_with_thresholding_matches_reference(pred, dtype, atol, rtol):
+    """CFG++ thresholded by the s of its guided x0 (the caller's), with noise; the direction is u's."""
+    plan = make_plan(SCHEDULE, S, eta=1.0, prediction_type=pred, **CLIPS["threshold"][0])
     for shape in SHAPES:
         x, u, c = outputs(shape, dtype)
         g, u_ref = guidance.cfgpp_outputs(u.float(), c.float(), LAM)
-        for j in (0, S // 2, S - 1):
-            got = fused(plan, x, u, c, j, _ops.GUIDE_CFGPP, LAM, s_from=g, clip=clip)
+        for j in (0, S - 1):
+            got = fused(plan, x, u, c, j, _ops.GUIDE_CFGPP, LAM, s_from=g, clip="threshold")
             want = reference.ddim_step(x, g, plan, j, noise(plan, x, j), out_eps=u_ref)
-            check(got, want, atol, rtol, f"cfg++ {pred} eta={eta} {clip} {dtype} {shape} j={j}")
-            # the direction is u's: the plain guided step (eps from g) differs wherever it matters
-            if j < S - 1:
-                plain = fused(plan, x, u, c, j, _ops.GUIDE_CFG, LAM, s_from=g, clip=clip)[0]
-                assert not torch.equal(got[0], plain), (pred, eta, clip, j)
-
-
-# ------------------------------------------------------------------- GUIDE_CFG, DPM-Solver++(2M)
-@pytest.mark.parametrize("dtype", [t.values[0] for t in TOLS], ids=[t.id for t in TOLS])
-@pytest.mark.parametrize("rescale", [False, True], ids=["cfg", "cfg+rescale"])
-@pytest.mark.parametrize("clip", list(DPM_CLIPS))
-@pytest.mark.parametrize("pred", PREDS)
-def test_cfg_dpm_step_matches_reference(pred, clip, rescale, dtype):
-    """First- and second-order steps; bit for bit under the interpreter, as the unguided DPM test."""
-    plan = dpm_plan(pred, clip)
-    phi = PHI if rescale else 0.0
-    for shape in SHAPES:
-        x, u, c = outputs(shape, dtype)
-        x0_prev = outputs(shape, torch.float32, seed=1)[0]
-        g = guidance.guide(u.float(), c.float(), W, phi)
-        ratio = guidance.rescale_ratio_torch(u, c, W) if rescale else None
-        for j in (0, 1, DPM_S - 1):
-            second = plan.orders[j] == 2
-            solver = _ops.SOLVER_DPM2 if second else _ops.SOLVER_DPM1
-            got = fused(plan, x, u, c, j, _ops.GUIDE_CFG, W, phi=phi, ratio=ratio, s_from=g,
-                        x0_prev=x0_prev if second else None, solver=solver, clip=clip.replace("clip", "range"))
-            want = reference.dpm_solver_step(x, g, x0_prev if second else None, plan, j)
-            check(got, want, 0.0, 0.0, f"dpm cfg {pred} {clip} phi={phi} {dtype} {shape} j={j}")
-
-
-# ------------------------------------------------------------------------- the optional outputs
-@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("guide", [_ops.GUIDE_CFG, _ops.GUIDE_CFGPP])
-def test_guided_low_precision_copy_and_no_x0(guide, low):
-    plan = make_plan(SCHEDULE, S, eta=1.0, prediction_type="v_prediction")
-    x, u, c = outputs(SHAPES[0], torch.bfloat16)
-    w = W if guide == _ops.GUIDE_CFG else LAM
-    prev, x0, x_low = fused(plan, x, u, c, 2, guide, w, need_x0=False, low_dtype=low)
-    assert x0.numel() == 0
-    assert x_low.dtype == low and torch.equal(x_low, prev.to(low))  # round to nearest even, as torch
-    assert torch.equal(prev, fused(plan, x, u, c, 2, guide, w)[0])  # the same step with x0 written
+            check(got, want, atol, rtol, f"cfg++ threshold {pred} {dtype} {shape} j={j}")
 
 
 # ------------------------------------------------------------------------------- rescale_ratio
-def rescale_inputs(shape, dtype, mean=0.0, seed=0):
+def rescale_inputs(shape, dtype, mean=0.0, seed=0, device="cpu"):
+    """u, c (B, ...) with means of their own (c's differs per sample), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(shape, generator=g) + mean
     c = 0.8 * torch.randn(shape, generator=g) + mean + torch.arange(shape[0]).view(-1, *[1] * (len(shape) - 1))
-    return u.to(dtype), c.to(dtype)
+    return u.to(device, dtype), c.to(device, dtype)
 
 
 def triton_ratio(u, c, w):
@@ -242,3 +195,33 @@ def test_guided_op_fake_and_schema():
     args = (x, c, plan.table, 1, _ops.rng_state(3, 0, "cpu"), None, "triton", 0, 0, 1.0, False, False, True, True,
             torch.bfloat16, None, _ops.SOLVER_DDIM, u, _ops.GUIDE_CFG, W, PHI, guidance.rescale_ratio_torch(u, c, W))
     torch.library.opcheck(torch.ops.fastddim.ddim_step.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# -------------------------------------------------------------------------------- GPU
+# Complements test_guided_step.py's GPU cases (clip range, the torch ratio): thresholding, and the
+# ratio from the op's Triton reduction on the device, fp32 every prediction type, on a size that is
+# not a multiple of 16 and one that is (each a compilation, GPU.md). Tolerances as test_ddim_step's
+# GPU cases (FMA contraction on values up to ~100).
+GPU_SHAPES = [(1, 3, 37, 37), (64, 3, 32, 32)]
+GPU_TRITON = pytest.mark.skipif(available_backends(torch.device("cuda"))["triton"] is not None,
+                                reason=str(available_backends(torch.device("cuda"))["triton"]))
+
+
+@pytest.mark.gpu
+@GPU_TRITON
+@pytest.mark.parametrize("method", ["cfg+rescale", "cfg++"])
+@pytest.mark.parametrize("pred", PREDS)
+def test_gpu_guided_step_matches_reference(pred, method):
+    plan = make_plan(SCHEDULE, S, eta=1.0, prediction_type=pred, **CLIPS["threshold"][0])
+    for shape in GPU_SHAPES:
+        x, u, c = outputs(shape, torch.float32, device="cuda")
+        if method == "cfg++":
+            g, u_ref = guidance.cfgpp_outputs(u, c, LAM)
+            kw = dict(guide=_ops.GUIDE_CFGPP, w=LAM)
+        else:
+            g, u_ref = guidance.guide(u, c, W, PHI), None
+            kw = dict(guide=_ops.GUIDE_CFG, w=W, phi=PHI, ratio=torch.ops.fastddim.rescale_ratio(u, c, W, "triton"))
+        for j in range(S):
+            got = fused(plan, x, u, c, j, s_from=g, clip="threshold", **kw)
+            want = reference.ddim_step(x, g, plan, j, noise(plan, x, j), out_eps=u_ref)
+            check(got, want, 4e-5, 4e-5, f"gpu {method} {pred} {shape} j={j}")
