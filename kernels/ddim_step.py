@@ -31,7 +31,8 @@ else: GUIDE_CFG makes g = u + w * (c - u) and, with HAS_RATIO, g = phi * (g * ra
 unguided output (any solver). GUIDE_CFGPP (DDIM only) forms x0 from g and the direction's eps
 from u. w, phi and 1 - phi are runtime floats (a per-step w never recompiles the kernel).
 ``rescale_ratio`` is the rescale's reduction: std(c) / std(g) per sample, two passes (partial
-shifted sums in float64 per chunk of a sample, then one program per sample).
+shifted sums in float64 per chunk of a sample, then one program per sample): it reads u and c
+once, 4-8 B per element, and 32 B per chunk of up to 1024 elements of partial sums.
 
 Divisions use div_rn (Triton's ``/`` is approximate on GPU); log/sin/cos come from libdevice
 (tl.log may lower to an approximate instruction). Under TRITON_INTERPRET=1 libdevice does not
