@@ -23,13 +23,13 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
     DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel,
 )
-from diffusers.guiders.guider_utils import rescale_noise_cfg  # noqa: E402  (the SD pipeline's, copied there)
-
 import fastddim  # noqa: E402
 from fastddim import engine, graph  # noqa: E402
 from fastddim.dispatch import available_backends  # noqa: E402
 from fastddim.noise import normal  # noqa: E402
 from test_graph import FakeGraph, fake  # noqa: E402,F401  (the CPU stand-in for a CUDA graph, one home)
+from test_guidance import _assert_bits as assert_bits, _pipeline_cfg  # noqa: E402  (the SD pipeline's CFG lines)
+from test_inverse_diffusers import check as assert_rel  # noqa: E402  (relative to the latent's scale)
 
 gpu = pytest.mark.gpu
 
@@ -80,32 +80,13 @@ def x_T(n=N, shape=SHAPE, seed=7):
     return normal(seed, 0, n, 0, shape)
 
 
-def assert_bits(got, want):
-    assert torch.isfinite(want).all()
-    if not torch.equal(got, want):
-        d = (got - want).abs()
-        i = int(d.argmax())
-        raise AssertionError(f"{int((d > 0).sum())} elements differ; worst at {i}: {got.flatten()[i]} vs "
-                             f"{want.flatten()[i]}")
-
-
-def assert_rel(got, want, rtol):
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    i = int((got - want).abs().argmax())
-    assert err <= rtol, f"relative error {err:.3g} > {rtol}: worst at {i}: {got.flatten()[i]} vs {want.flatten()[i]}"
-
-
 # ------------------------------------------------------------- the diffusers loops, as the pipelines write them
 def cfg_output(unet, x, t, cond, uncond, w, phi):
     """One guided model output of the Stable Diffusion pipeline (diffusers 0.42.1,
-    pipeline_stable_diffusion.py): the doubled latents, one call on cat([negative, prompt])."""
+    pipeline_stable_diffusion.py): the doubled latents, one call on cat([negative, prompt]), then
+    the pipeline's combine and rescale_noise_cfg lines (test_guidance._pipeline_cfg)."""
     emb = torch.cat([uncond.expand(x.shape[0], *uncond.shape[1:]), cond])
-    noise_pred = unet(torch.cat([x] * 2), t, encoder_hidden_states=emb).sample
-    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-    noise_pred = noise_pred_uncond + w * (noise_pred_text - noise_pred_uncond)
-    if phi > 0.0:
-        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=phi)
-    return noise_pred
+    return _pipeline_cfg(unet(torch.cat([x] * 2), t, encoder_hidden_states=emb).sample, w, phi)
 
 
 def sd_loop(unet, sched, S, x, cond, uncond, w, phi=0.0, eta=0.0, seed=0):
