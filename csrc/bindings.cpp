@@ -49,11 +49,46 @@ void check_solver(const at::Tensor& x, const at::Tensor& x_prev, const c10::opti
               "ddim_step: x_prev and x0 must not alias x0_prev");
 }
 
+// The guidance arguments, as fastddim/_ops.py's _check_guide: a guided step reads out_uncond (out's
+// shape, dtype and device; fresh outputs); ratio (B,) float32 (the rescale) with guide=1 only;
+// CFG++ is a DDIM update whose direction is the unconditional eps (no clipped_eps, no sigma_hat).
+// ValueError, as the Python checks raise.
+void check_guide(const at::Tensor& x, const at::Tensor& out, const at::Tensor& x_prev,
+                 const c10::optional<at::Tensor>& out_uncond, int64_t guide, const c10::optional<at::Tensor>& ratio,
+                 int64_t solver, bool clipped_eps, bool sigma_hat) {
+  TORCH_CHECK_VALUE(kGuideNone <= guide && guide <= kGuideCfgpp,
+                    "ddim_step: guide must be 0 (none), 1 (cfg) or 2 (cfg++), got ", guide);
+  if (guide == kGuideNone) {
+    TORCH_CHECK_VALUE(!out_uncond.has_value() && !ratio.has_value(),
+                      "ddim_step: out_uncond and ratio are read by a guided step only (guide=0)");
+    return;
+  }
+  TORCH_CHECK_VALUE(out_uncond.has_value(), "ddim_step: guide=", guide,
+                    " needs out_uncond, a contiguous tensor of out's shape, dtype and device");
+  TORCH_CHECK_VALUE(out_uncond->sizes() == out.sizes() && out_uncond->scalar_type() == out.scalar_type() &&
+                        out_uncond->device() == out.device() && out_uncond->is_contiguous(),
+                    "ddim_step: guide=", guide, " needs out_uncond, a contiguous tensor of out's shape, dtype and device (",
+                    out.sizes(), ", ", out.scalar_type(), ", ", out.device(), "), got ", out_uncond->sizes(), ", ",
+                    out_uncond->scalar_type(), ", ", out_uncond->device());
+  TORCH_CHECK_VALUE(x_prev.data_ptr() != out_uncond->data_ptr(), "ddim_step: x_prev must not alias out_uncond");
+  if (ratio.has_value()) {
+    TORCH_CHECK_VALUE(guide == kGuideCfg, "ddim_step: ratio (the rescale) needs guide=1, got guide=", guide);
+    TORCH_CHECK_VALUE(ratio->device() == x.device() && ratio->scalar_type() == at::kFloat && ratio->dim() == 1 &&
+                          ratio->size(0) == x.size(0) && ratio->is_contiguous(),
+                      "ddim_step: ratio (the rescale) must be a contiguous float32 (", x.size(0), ",) tensor on ",
+                      x.device(), ", got ", ratio->scalar_type(), " ", ratio->sizes(), " on ", ratio->device());
+  }
+  TORCH_CHECK_VALUE(guide != kGuideCfgpp || (solver == kSolverDdim && !clipped_eps && !sigma_hat),
+                    "ddim_step: guide=2 (cfg++) is a DDIM update (solver=0) with the unconditional eps as its "
+                    "direction: clipped_eps and sigma_hat must be False");
+}
+
 void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, int64_t j,
                const at::Tensor& rng, const at::Tensor& x_prev, const c10::optional<at::Tensor>& x0,
                const c10::optional<at::Tensor>& x_low, const c10::optional<at::Tensor>& s, int64_t pred,
                int64_t clip, double clip_range, bool clipped_eps, bool sigma_hat, bool noise,
-               const c10::optional<at::Tensor>& x0_prev, int64_t solver) {
+               const c10::optional<at::Tensor>& x0_prev, int64_t solver, const c10::optional<at::Tensor>& out_uncond,
+               int64_t guide, double w, double phi, const c10::optional<at::Tensor>& ratio) {
   TORCH_CHECK(x.dim() >= 1, "ddim_step: x must be (B, *shape)");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "ddim_step: x must be contiguous float32");
   check_like(out, x, "out");
@@ -81,6 +116,7 @@ void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& tab
                 "ddim_step: x_low must be bfloat16 or float16");
   }
   check_solver(x, x_prev, x0, x0_prev, solver, clipped_eps, sigma_hat, noise);
+  check_guide(x, out, x_prev, out_uncond, guide, ratio, solver, clipped_eps, sigma_hat);
   if (clip == kClipThreshold) {
     TORCH_CHECK(s.has_value(), "ddim_step: clip=2 (threshold) needs s");
     TORCH_CHECK(s->device() == x.device() && s->scalar_type() == at::kFloat && s->dim() == 1 &&
@@ -108,14 +144,53 @@ void ddim_step(const at::Tensor& x, const at::Tensor& out, const at::Tensor& tab
   a.sigma_hat = sigma_hat;
   a.noise = noise;
   const SolverArgs sv{static_cast<int>(solver), solver == kSolverDpm2 ? x0_prev->data_ptr<float>() : nullptr};
-  if (x.is_cpu()) return ddim_step_cpu(a, sv);
+  // w == 1 with CFG is the conditional output alone, as fastddim.guidance.guide (and diffusers)
+  // skip the combine there: u + 1 * (c - u) is not c to the bit, and no rescale applies.
+  const bool cond_only = guide == kGuideCfg && w == 1.0;
+  GuideArgs ga{};
+  ga.guide = cond_only ? kGuideNone : static_cast<int>(guide);
+  if (ga.guide != kGuideNone) {
+    ga.out_uncond = out_uncond->data_ptr();
+    ga.w = static_cast<float>(w);
+    ga.phi = static_cast<float>(phi);
+    ga.one_m_phi = static_cast<float>(1.0 - phi);  // (1 - phi) as torch computes it from a Python float
+    ga.ratio = ratio ? ratio->data_ptr<float>() : nullptr;
+  }
+  if (x.is_cpu()) return ddim_step_cpu(a, sv, ga);
 #ifdef FASTDDIM_WITH_CUDA
   if (x.is_cuda()) {
     const c10::cuda::CUDAGuard guard(x.device());
-    return ddim_step_cuda(a, sv);
+    return ddim_step_cuda(a, sv, ga);
   }
 #endif
   TORCH_CHECK(false, "ddim_step: no kernel for device ", x.device(), " in this build (cuda built: ", FASTDDIM_CUDA_BUILT, ")");
+}
+
+at::Tensor rescale_ratio(const at::Tensor& u, const at::Tensor& c, double w) {
+  TORCH_CHECK_VALUE(c.dim() >= 1 && dtype_code(c) != kNone && c.is_contiguous(),
+                    "rescale_ratio: out must be a contiguous float32, bfloat16 or float16 (B, ...) tensor, got ",
+                    c.scalar_type(), " ", c.sizes());
+  TORCH_CHECK_VALUE(u.device() == c.device() && u.sizes() == c.sizes() && u.scalar_type() == c.scalar_type() &&
+                        u.is_contiguous(),
+                    "rescale_ratio: out_uncond must be a contiguous tensor of out's shape, dtype and device (",
+                    c.sizes(), ", ", c.scalar_type(), ", ", c.device(), "), got ", u.sizes(), ", ", u.scalar_type(),
+                    ", ", u.device());
+  const int64_t batch = c.size(0), numel = batch ? c.numel() / batch : 0;
+  at::Tensor ratio = at::empty({batch}, c.options().dtype(at::kFloat));
+  if (c.is_cpu()) {
+    rescale_ratio_cpu(u.data_ptr(), c.data_ptr(), dtype_code(c), batch, numel, static_cast<float>(w),
+                      ratio.data_ptr<float>());
+    return ratio;
+  }
+#ifdef FASTDDIM_WITH_CUDA
+  if (c.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(c.device());
+    rescale_ratio_cuda(u.data_ptr(), c.data_ptr(), dtype_code(c), batch, numel, static_cast<float>(w),
+                       ratio.data_ptr<float>());
+    return ratio;
+  }
+#endif
+  TORCH_CHECK(false, "rescale_ratio: no kernel for device ", c.device(), " in this build (cuda built: ", FASTDDIM_CUDA_BUILT, ")");
 }
 
 void normal_(const at::Tensor& res, const at::Tensor& rng, int64_t step) {
@@ -168,12 +243,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "clipped_eps: eps from the clipped x0; sigma_hat: posterior-mean update; noise: add sigma * z\n"
         "with z = fastddim.noise.normal(seed, first_index, B, j + 1, shape).\n"
         "solver: 0 DDIM; 1, 2 DPM-Solver++(2M) first/second order with a DPM plan's table (no noise,\n"
-        "x0 required: the next step's x0_prev); x0_prev: (B, *shape) float32, read by solver 2.",
+        "x0 required: the next step's x0_prev); x0_prev: (B, *shape) float32, read by solver 2.\n"
+        "guide: 0 none; 1 CFG: the step's output is g = u + w * (c - u) with c = out, u = out_uncond (out's\n"
+        "shape and dtype), then with ratio ((B,) float32, rescale_ratio's) g = phi * (g * ratio) + (1 - phi) * g\n"
+        "(w == 1: c alone, as fastddim.guidance.guide); 2 CFG++ (solver 0): x0 from g, the direction's eps from u.",
         py::arg("x"), py::arg("out"), py::arg("table"), py::arg("j"), py::arg("rng"), py::arg("x_prev"),
         py::arg("x0") = py::none(), py::arg("x_low") = py::none(), py::arg("s") = py::none(),
         py::arg("pred") = 0, py::arg("clip") = 0, py::arg("clip_range") = 1.0, py::arg("clipped_eps") = false,
         py::arg("sigma_hat") = false, py::arg("noise") = false, py::arg("x0_prev") = py::none(),
-        py::arg("solver") = 0);
+        py::arg("solver") = 0, py::arg("out_uncond") = py::none(), py::arg("guide") = 0, py::arg("w") = 1.0,
+        py::arg("phi") = 0.0, py::arg("ratio") = py::none());
+  m.def("rescale_ratio", &fastddim::rescale_ratio,
+        "std(c) / std(g) per sample, g = u + w * (c - u) in float32 as the guided step forms it: the ratio\n"
+        "of diffusers' rescale_noise_cfg, the unbiased std over every non-batch element, accumulated in\n"
+        "double in one pass (fastddim.guidance.rescale_ratio_torch within float32 rounding).\n"
+        "out_uncond (u), out (c): (B, ...) contiguous float32/bfloat16/float16, one shape, dtype and device.\n"
+        "Returns (B,) float32 on their device.",
+        py::arg("out_uncond"), py::arg("out"), py::arg("w"));
   m.def("normal_", &fastddim::normal_,
         "Fill res (n, *shape) contiguous float32, in place, with fastddim.noise.normal(seed, first_index,\n"
         "n, step, shape), on res's device. rng: int64 (2,) = (seed bits, first_index) on res's device,\n"

@@ -1,5 +1,6 @@
 // The fused step shared by the CPU and CUDA kernels: argument block and per-element math, for
-// DDIM and for DPM-Solver++(2M) (the solver code: one op, one kernel per backend with a switch).
+// DDIM and for DPM-Solver++(2M) (the solver code: one op, one kernel per backend with a switch),
+// unguided or guided (the guide code: CFG, CFG++), and the rescale's per-sample reduction.
 // The math rounds in the order of fastddim/reference.py's ddim_step / dpm_solver_step (one
 // rounding per torch op); built with -ffp-contract=off (CPU) and --fmad=false (CUDA) it matches
 // it to the bit except the noise's libm ulps.
@@ -15,6 +16,9 @@ enum Clip : int { kClipNone = 0, kClipRange = 1, kClipThreshold = 2 };
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNone = -1 };
 // As fastddim/_ops.py's SOLVER_*: DDIM, DPM-Solver++ first order, second order (reads x0_prev).
 enum Solver : int { kSolverDdim = 0, kSolverDpm1 = 1, kSolverDpm2 = 2 };
+// As fastddim/_ops.py's GUIDE_*: none; CFG (g = u + w (c - u), optionally rescaled per sample);
+// CFG++ (x0 from g, the direction's eps from u; DDIM only).
+enum Guide : int { kGuideNone = 0, kGuideCfg = 1, kGuideCfgpp = 2 };
 
 // Pointers are on the kernel's device. table is the plan's (S, 6) table (fastddim.plan.COLUMNS,
 // or DPM_COLUMNS for the DPM solver codes);
@@ -43,6 +47,17 @@ struct StepArgs {
 struct SolverArgs {
   int solver;            // kSolverDdim, kSolverDpm1, kSolverDpm2
   const float* x0_prev;  // the previous step's x0, read by kSolverDpm2 only (else nullptr)
+};
+
+// Guidance's arguments, apart from StepArgs for the same reason as SolverArgs. out (StepArgs) is
+// the conditional output c, out_uncond the unconditional one u (out's dtype). With ratio (B,)
+// (std(c) / std(g) per sample, rescale_ratio) g = phi * (g * ratio[b]) + one_m_phi * g, as
+// diffusers' rescale_noise_cfg with (1 - phi) rounded once from double, as torch does a Python float.
+struct GuideArgs {
+  const void* out_uncond;  // nullptr when guide == kGuideNone
+  int guide;               // kGuideNone, kGuideCfg, kGuideCfgpp
+  float w, phi, one_m_phi;
+  const float* ratio;      // (B,) or nullptr: no rescale (kGuideCfg only)
 };
 
 struct Coefs {
@@ -86,18 +101,33 @@ FASTDDIM_HD float predict_x0(float x, float o, float sqrt_a, float sqrt_1ma) {
 // Written with comparisons so a NaN passes through, as torch.clamp does.
 FASTDDIM_HD float clip_x0(float x0, const Mode& m) { return (x0 < m.lo ? m.lo : (x0 > m.hi ? m.hi : x0)) / m.div; }
 
-// x_{t-1} without the noise term; x0 gets the clipped x0 prediction. Every candidate is computed
+// CFG's combine in diffusers' op order (sub, mul, add): the step's and the rescale reduction's.
+FASTDDIM_HD float combine(float u, float c, float w) { return u + w * (c - u); }
+
+// The output the step converts to x0, from c (out) and u (out_uncond): c itself unguided; the
+// combine, then with rescale the rescale by this sample's ratio r (a select, not a multiply by 1:
+// an inf or NaN g passes as it is); CFG++: the combine (its eps is u's, in step_mean).
+template <int GUIDE>
+FASTDDIM_HD float guided(float u, float c, const GuideArgs& ga, bool rescale, float r) {
+  if (GUIDE == kGuideNone) return c;
+  const float g = combine(u, c, ga.w);
+  if (GUIDE == kGuideCfgpp) return g;
+  return rescale ? ga.phi * (g * r) + ga.one_m_phi * g : g;
+}
+
+// x_{t-1} without the noise term; x0 gets the clipped x0 prediction, made from o; the direction's
+// eps is made from oe (o itself, or CFG++'s unconditional output). Every candidate is computed
 // and selected, so the loop has no control flow; each expression rounds as its torch op does.
 template <int PRED>
-FASTDDIM_HD float step_mean(float x, float o, const Coefs& c, const Mode& m, float& x0) {
+FASTDDIM_HD float step_mean(float x, float o, float oe, const Coefs& c, const Mode& m, float& x0) {
   x0 = predict_x0<PRED>(x, o, c.sqrt_a, c.sqrt_1ma);
   float eps;
   if (PRED == kEpsilon) {
-    eps = o;
+    eps = oe;
   } else if (PRED == kSample) {
-    eps = (x - c.sqrt_a * o) / c.sqrt_1ma;
+    eps = (x - c.sqrt_a * oe) / c.sqrt_1ma;
   } else {
-    eps = c.sqrt_a * o + c.sqrt_1ma * x;
+    eps = c.sqrt_a * oe + c.sqrt_1ma * x;
   }
   // clip_x0 written out: through the helper nvcc 13 allocates the fp32 'sample' CUDA kernel's
   // registers differently (46 instead of 40); this keeps the DDIM kernels as they were.
@@ -119,7 +149,11 @@ FASTDDIM_HD float dpm_step(float x, float o, float x0_prev, const DpmCoefs& c, c
   return SECOND ? a - c.c_d1 * (c.r_inv * (x0 - x0_prev)) : a;
 }
 
-void ddim_step_cpu(const StepArgs& a, const SolverArgs& sv);
+void ddim_step_cpu(const StepArgs& a, const SolverArgs& sv, const GuideArgs& ga);
+// ratio[b] = std(c_b) / std(g_b), g = u + w (c - u) rounded to float32 as the step forms it; the
+// unbiased std over a sample's numel elements, accumulated in double (one pass, shifted by the
+// sample's first value, so a large mean costs no precision). u, c: (batch, numel) of dtype (DType).
+void rescale_ratio_cpu(const void* u, const void* c, int dtype, int64_t batch, int64_t numel, float w, float* ratio);
 void normal_cpu(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step);
 void philox_cpu(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed);
 // The CPU noise paths, by level: the portable scalar one, AVX2+FMA (8 Philox groups at a time),
@@ -133,7 +167,8 @@ int cpu_simd_level(const char* name);
 // FASTDDIM_CPU_SIMD's when that was set as fastddim._C loaded.
 const char* cpu_simd(int level);
 #ifdef FASTDDIM_WITH_CUDA
-void ddim_step_cuda(const StepArgs& a, const SolverArgs& sv);
+void ddim_step_cuda(const StepArgs& a, const SolverArgs& sv, const GuideArgs& ga);
+void rescale_ratio_cuda(const void* u, const void* c, int dtype, int64_t batch, int64_t numel, float w, float* ratio);
 void normal_cuda(float* res, int64_t n, int64_t numel, const int64_t* rng, int64_t step);  // rng on the device
 void philox_cuda(const int64_t* ctr, int64_t* res, int64_t m, uint64_t seed);
 #endif

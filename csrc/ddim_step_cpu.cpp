@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -471,8 +472,34 @@ void store_low_chunk(const StepArgs& a, int64_t base, const float* prev, int64_t
   if (a.low_dtype == kF16) store_low<c10::Half>(a.low, base, prev, n);
 }
 
-template <typename OutT, int PRED, bool NOISE, bool WRITE_X0>
-void step_loop(const StepArgs& a) {
+// A guided chunk's model output g (and for CFG++ u, as float) into L1 buffers, in a loop of its
+// own: the step's element loop then reads floats from local arrays, as it reads the noise, and
+// vectorises as the unguided one does (GCC gives up on the loop with the combine fused in,
+// "control flow in loop", with noise or a bf16/fp16 output). The scalars are a local copy (through
+// a reference they would be reloaded after every store) and RESCALE a template flag (GCC does not
+// vectorise around the runtime select the CUDA kernel uses).
+template <typename OutT, int GUIDE, bool RESCALE>
+void guide_chunk(const GuideArgs& ga, int64_t b, int64_t base, const OutT* __restrict__ o, int64_t len,
+                 float* __restrict__ g, float* __restrict__ ue) {
+  const GuideArgs args = ga;
+  const float r = RESCALE ? ga.ratio[b] : 1.0f;
+  const OutT* __restrict__ u = static_cast<const OutT*>(ga.out_uncond) + base;
+  for (int64_t i = 0; i < len; ++i) {
+    const float uv = to_float(u[i]);
+    g[i] = guided<GUIDE>(uv, to_float(o[i]), args, RESCALE, r);
+    if (GUIDE == kGuideCfgpp) ue[i] = uv;
+  }
+}
+
+// The chunk buffers guide_chunk fills (one element where a variant does not use them).
+template <int GUIDE>
+struct GuideBuffers {
+  alignas(64) float g[GUIDE == kGuideNone ? 1 : kChunk * 4];
+  alignas(64) float u[GUIDE == kGuideCfgpp ? kChunk * 4 : 1];
+};
+
+template <typename OutT, int PRED, bool NOISE, bool WRITE_X0, int GUIDE, bool RESCALE>
+void step_loop(const StepArgs& a, const GuideArgs& ga) {
   const float* row = a.table + a.j * 6;
   const Coefs c{row[0], row[1], row[2], row[3], row[4], row[5]};
   const int64_t n = a.numel, groups = (n + 3) / 4;
@@ -490,10 +517,13 @@ void step_loop(const StepArgs& a) {
     float* __restrict__ prev = a.prev + base;
     if (NOISE) noise(seed, static_cast<uint32_t>(first + b), step, g0, g1 - g0, z);
     const Mode m = sample_mode(a, b);
+    GuideBuffers<GUIDE> gb;
+    if constexpr (GUIDE != kGuideNone) guide_chunk<OutT, GUIDE, RESCALE>(ga, b, base, o, len, gb.g, gb.u);
     float* __restrict__ x0 = WRITE_X0 ? a.x0 + base : nullptr;
     for (int64_t i = 0; i < len; ++i) {
       float x0v;
-      const float v = step_mean<PRED>(x[i], to_float(o[i]), c, m, x0v);
+      const float g = GUIDE == kGuideNone ? to_float(o[i]) : gb.g[i];
+      const float v = step_mean<PRED>(x[i], g, GUIDE == kGuideCfgpp ? gb.u[i] : g, c, m, x0v);
       prev[i] = NOISE ? v + c.sigma * z[i] : v;
       if (WRITE_X0) x0[i] = x0v;
     }
@@ -502,9 +532,10 @@ void step_loop(const StepArgs& a) {
 }
 
 // The DPM-Solver++(2M) step: no noise, so a plain loop over the chunks that the compiler
-// vectorises; x0 always written (it is the next step's x0_prev). 16-20 B per element at fp32.
-template <typename OutT, int PRED, bool SECOND>
-void dpm_loop(const StepArgs& a, const float* x0_prev) {
+// vectorises; x0 always written (it is the next step's x0_prev). 16-20 B per element at fp32
+// (4 B more for a guided step's u).
+template <typename OutT, int PRED, bool SECOND, int GUIDE, bool RESCALE>
+void dpm_loop(const StepArgs& a, const float* x0_prev, const GuideArgs& ga) {
   const float* row = a.table + a.j * 6;
   const DpmCoefs c{row[0], row[1], row[2], row[3], row[4], row[5]};
   const int64_t n = a.numel;
@@ -517,42 +548,109 @@ void dpm_loop(const StepArgs& a, const float* x0_prev) {
     float* __restrict__ prev = a.prev + base;
     float* __restrict__ x0 = a.x0 + base;
     const Mode m = sample_mode(a, b);
+    GuideBuffers<GUIDE> gb;
+    if constexpr (GUIDE != kGuideNone) guide_chunk<OutT, GUIDE, RESCALE>(ga, b, base, o, len, gb.g, gb.u);
     for (int64_t i = 0; i < len; ++i) {
       float x0v;
-      prev[i] = dpm_step<PRED, SECOND>(x[i], to_float(o[i]), SECOND ? xp[i] : 0.0f, c, m, x0v);
+      const float g = GUIDE == kGuideNone ? to_float(o[i]) : gb.g[i];
+      prev[i] = dpm_step<PRED, SECOND>(x[i], g, SECOND ? xp[i] : 0.0f, c, m, x0v);
       x0[i] = x0v;
     }
     store_low_chunk(a, base, prev, len);
   });
 }
 
-template <typename OutT, int PRED>
-void step_flags(const StepArgs& a, const SolverArgs& sv) {
-  if (sv.solver == kSolverDpm2) return dpm_loop<OutT, PRED, true>(a, sv.x0_prev);
-  if (sv.solver == kSolverDpm1) return dpm_loop<OutT, PRED, false>(a, nullptr);
+template <typename OutT, int PRED, int GUIDE, bool RESCALE>
+void step_flags(const StepArgs& a, const SolverArgs& sv, const GuideArgs& ga) {
+  if constexpr (GUIDE != kGuideCfgpp) {  // CFG++ is a DDIM update (checked in bindings.cpp)
+    if (sv.solver == kSolverDpm2) return dpm_loop<OutT, PRED, true, GUIDE, RESCALE>(a, sv.x0_prev, ga);
+    if (sv.solver == kSolverDpm1) return dpm_loop<OutT, PRED, false, GUIDE, RESCALE>(a, nullptr, ga);
+  }
   if (a.noise) {
-    a.x0 ? step_loop<OutT, PRED, true, true>(a) : step_loop<OutT, PRED, true, false>(a);
+    a.x0 ? step_loop<OutT, PRED, true, true, GUIDE, RESCALE>(a, ga) : step_loop<OutT, PRED, true, false, GUIDE, RESCALE>(a, ga);
   } else {
-    a.x0 ? step_loop<OutT, PRED, false, true>(a) : step_loop<OutT, PRED, false, false>(a);
+    a.x0 ? step_loop<OutT, PRED, false, true, GUIDE, RESCALE>(a, ga) : step_loop<OutT, PRED, false, false, GUIDE, RESCALE>(a, ga);
+  }
+}
+
+template <typename OutT, int PRED>
+void step_guide(const StepArgs& a, const SolverArgs& sv, const GuideArgs& ga) {
+  switch (ga.guide) {
+    case kGuideCfg:
+      return ga.ratio ? step_flags<OutT, PRED, kGuideCfg, true>(a, sv, ga) : step_flags<OutT, PRED, kGuideCfg, false>(a, sv, ga);
+    case kGuideCfgpp: return step_flags<OutT, PRED, kGuideCfgpp, false>(a, sv, ga);
+    default: return step_flags<OutT, PRED, kGuideNone, false>(a, sv, ga);
   }
 }
 
 template <typename OutT>
-void step_pred(const StepArgs& a, const SolverArgs& sv) {
+void step_pred(const StepArgs& a, const SolverArgs& sv, const GuideArgs& ga) {
   switch (a.pred) {
-    case kEpsilon: return step_flags<OutT, kEpsilon>(a, sv);
-    case kSample: return step_flags<OutT, kSample>(a, sv);
-    default: return step_flags<OutT, kVPrediction>(a, sv);
+    case kEpsilon: return step_guide<OutT, kEpsilon>(a, sv, ga);
+    case kSample: return step_guide<OutT, kSample>(a, sv, ga);
+    default: return step_guide<OutT, kVPrediction>(a, sv, ga);
   }
+}
+
+// One sample's rescale ratio (rescale_ratio_cpu). Sums of d = v - v[0] and d^2 for v = c and g,
+// in kLanes independent double accumulators (a chain the compiler can vectorise without
+// reassociating), combined at the end.
+template <typename T>
+float sample_ratio(const T* __restrict__ u, const T* __restrict__ c, int64_t n, float w) {
+  constexpr int kLanes = 8;
+  const float c0 = to_float(c[0]), g0 = combine(to_float(u[0]), c0, w);
+  double sc[kLanes] = {}, qc[kLanes] = {}, sg[kLanes] = {}, qg[kLanes] = {};
+  const auto add = [&](int k, int64_t i) {
+    const float cv = to_float(c[i]), g = combine(to_float(u[i]), cv, w);
+    const double dc = static_cast<double>(cv) - c0, dg = static_cast<double>(g) - g0;
+    sc[k] += dc;
+    qc[k] += dc * dc;
+    sg[k] += dg;
+    qg[k] += dg * dg;
+  };
+  int64_t i0 = 0;
+  for (; i0 + kLanes <= n; i0 += kLanes)
+    for (int k = 0; k < kLanes; ++k) add(k, i0 + k);
+  for (int k = 0; i0 + k < n; ++k) add(k, i0 + k);
+  for (int k = 1; k < kLanes; ++k) {
+    sc[0] += sc[k];
+    qc[0] += qc[k];
+    sg[0] += sg[k];
+    qg[0] += qg[k];
+  }
+  const double nd = static_cast<double>(n);
+  const double var_c = (qc[0] - sc[0] * sc[0] / nd) / (nd - 1), var_g = (qg[0] - sg[0] * sg[0] / nd) / (nd - 1);
+  return static_cast<float>(std::sqrt(var_c / var_g));
+}
+
+template <typename T>
+void ratio_loop(const void* u, const void* c, int64_t batch, int64_t numel, float w, float* ratio) {
+  const T* uu = static_cast<const T*>(u);
+  const T* cc = static_cast<const T*>(c);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) ratio[b] = sample_ratio(uu + b * numel, cc + b * numel, numel, w);
+  });
 }
 
 }  // namespace
 
-void ddim_step_cpu(const StepArgs& a, const SolverArgs& sv) {
+void ddim_step_cpu(const StepArgs& a, const SolverArgs& sv, const GuideArgs& ga) {
   switch (a.out_dtype) {
-    case kF32: return step_pred<float>(a, sv);
-    case kBF16: return step_pred<c10::BFloat16>(a, sv);
-    default: return step_pred<c10::Half>(a, sv);
+    case kF32: return step_pred<float>(a, sv, ga);
+    case kBF16: return step_pred<c10::BFloat16>(a, sv, ga);
+    default: return step_pred<c10::Half>(a, sv, ga);
+  }
+}
+
+void rescale_ratio_cpu(const void* u, const void* c, int dtype, int64_t batch, int64_t numel, float w, float* ratio) {
+  if (numel == 0) {  // torch's std of no elements: NaN
+    std::fill(ratio, ratio + batch, NAN);
+    return;
+  }
+  switch (dtype) {
+    case kF32: return ratio_loop<float>(u, c, batch, numel, w, ratio);
+    case kBF16: return ratio_loop<c10::BFloat16>(u, c, batch, numel, w, ratio);
+    default: return ratio_loop<c10::Half>(u, c, batch, numel, w, ratio);
   }
 }
 

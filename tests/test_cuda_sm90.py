@@ -22,7 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 # Measured with nvcc 13.0 (2026-12-02): 38-57 registers; three DDIM variants keep a 4-byte spill
-# that predates the DPM-Solver++ variants. Room above both, well below an occupancy cliff.
+# that predates the DPM-Solver++ variants; the guided variants 38-59, no spills (unguided ones
+# unchanged by them), the rescale reduction 32. Room above both, well below an occupancy cliff.
 MAX_REGS = 64
 MAX_SPILL_BYTES = 4
 
@@ -61,8 +62,10 @@ def test_cuda_kernels_compile_for_sm90_without_spills(tmp_path):
         pytest.skip(f"no CUDA runtime headers under {CUDA_HOME} (set CUDA_HOME)")
     rows = _nvcc_report(tmp_path)
     steps = [r for r in rows if "ddim_step_kernel" in r[0]]
-    # 3 output dtypes x 3 prediction types x 2 noise modes x 3 solvers (DDIM, DPM first, second order)
-    assert len(steps) >= 54, f"{len(steps)} step kernel variants compiled: {rows}"
+    # 3 output dtypes x 3 prediction types x 2 load widths x 7 (solver, guide) pairs: DDIM unguided,
+    # CFG, CFG++; DPM first and second order, unguided and CFG
+    assert len(steps) >= 126, f"{len(steps)} step kernel variants compiled: {rows}"
     assert any("normal_kernel" in r[0] for r in rows)
+    assert sum("rescale_ratio_kernel" in r[0] for r in rows) == 3, rows  # one per input dtype
     bad = [r for r in rows if r[1] > MAX_REGS or r[2] > MAX_SPILL_BYTES]
     assert not bad, f"kernels over {MAX_REGS} registers or {MAX_SPILL_BYTES} spill bytes: {bad}"
