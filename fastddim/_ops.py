@@ -254,7 +254,7 @@ def ddim_step(
     x0, x_low = x0 if need_x0 else None, x_low if low_dtype is not None else None
     kw = dict(pred=pred, clip=clip, clip_range=clip_range, s=s, clipped_eps=clipped_eps, sigma_hat=sigma_hat, noise=noise,
               x0_prev=x0_prev, solver=solver)
-    if guide != GUIDE_NONE:  # unguided calls keep the extension's old signature (a build without guidance works)
+    if guide != GUIDE_NONE or out_uncond is not None or ratio is not None:  # else: the unguided call, fewer args
         kw.update(out_uncond=out_uncond, guide=guide, w=float(w), phi=float(phi), ratio=ratio)
     if backend == "triton":
         from fastddim.kernels import ddim_step as triton_step
@@ -279,10 +279,10 @@ def rescale_ratio(out_uncond: torch.Tensor, out: torch.Tensor, w: float, backend
     reduction pass of a rescaled guided step (the step pass then applies it, fused).
 
     out_uncond (u), out (c): (B, *shape) float32/bf16/fp16 of one dtype, any strides; w: the
-    step's scale. Returns (B,) float32: the unbiased std over every non-batch element, in float32
-    after loading (fastddim.guidance.rescale_ratio_torch), or by the backend's own one-pass kernel
-    where it has one (``cpp``: fastddim._C.rescale_ratio, double accumulators). Call it as
-    torch.ops.fastddim.rescale_ratio(...).
+    step's scale. Returns (B,) float32: the unbiased std over every non-batch element of c and of
+    g (formed in float32 after loading), by the backend's own kernel with float64 accumulators:
+    ``cpp``/``cuda`` fastddim._C.rescale_ratio, ``triton`` kernels/ddim_step.py's (the formula:
+    ``fastddim.guidance.rescale_ratio_torch``). Call it as torch.ops.fastddim.rescale_ratio(...).
     """
     if backend not in FUSED_BACKENDS:
         raise ValueError(f"fastddim::rescale_ratio: backend must be one of {FUSED_BACKENDS}, got {backend!r}")
@@ -290,16 +290,12 @@ def rescale_ratio(out_uncond: torch.Tensor, out: torch.Tensor, w: float, backend
             or out.dim() < 2:
         raise ValueError(f"rescale_ratio: out_uncond and out must be (B, ...) tensors of one shape, dtype and device, "
                          f"got {tuple(out_uncond.shape)} {out_uncond.dtype} and {tuple(out.shape)} {out.dtype}")
-    if backend == "cpp" and _C is not None and hasattr(_C, "rescale_ratio"):
-        return _C.rescale_ratio(out_uncond.contiguous(), out.contiguous(), float(w))
+    u, c = out_uncond.contiguous(), out.contiguous()
     if backend == "triton":  # a CUDA device, or CPU tensors under TRITON_INTERPRET=1 (as the step op)
         from fastddim.kernels import ddim_step as triton_step
 
-        if hasattr(triton_step, "rescale_ratio"):
-            return triton_step.rescale_ratio(out_uncond.contiguous(), out.contiguous(), float(w))
-    from .guidance import rescale_ratio_torch
-
-    return rescale_ratio_torch(out_uncond, out, w)
+        return triton_step.rescale_ratio(u, c, float(w))
+    return extension().rescale_ratio(u, c, float(w))  # cpp: the CPU loop; cuda: one block per sample
 
 
 _lib.impl("rescale_ratio", rescale_ratio, "CompositeExplicitAutograd")

@@ -299,8 +299,6 @@ def guided_call(x, u, c, backend, **kw):
 def test_op_refuses_bad_guide_arguments(backend):
     x, u, c = outputs(SHAPES[0], torch.float32)
     for what, kw, msg in refusal_cases(x, u, c):
-        if what == "out_uncond unguided" and backend != "triton":
-            continue  # _ops drops the guide kwargs at guide=0 for fastddim._C (see test_extension_refuses_...)
         with pytest.raises(ValueError, match=msg):
             guided_call(x, u, c, backend, **kw)
             pytest.fail(f"{backend}: {what} was not refused")
