@@ -3,6 +3,7 @@
     python benchmarks/guidance_quality.py --out docs/guidance.json       # the cells (resumes; one thread)
     python benchmarks/guidance_quality.py --out docs/guidance.json --report   # markdown tables from the JSON
     python benchmarks/guidance_quality.py --figure docs/fig_guidance.png      # the README grid
+    python benchmarks/guidance_quality.py --out docs/guidance.json --n 100 --diagnose  # pixels, rescale ratio
 
 Each cell draws n samples with ``fastddim.sample`` (DDIM, eta 0, the default spacing, seed 0), the
 requested digits ``arange(n) % 10`` as ``model_kwargs`` and the null label as ``uncond_kwargs``, and
@@ -51,14 +52,15 @@ def cells() -> dict[str, dict]:
     return out
 
 
-def guided_sample(model, n: int, steps: int, *, backend: str, **guide) -> torch.Tensor:
-    """(n, 1, 32, 32) samples of digits ``arange(n) % 10``, seed SEED, the null label as the
-    unconditional half."""
+def guided_sample(model, n: int, steps: int, *, backend: str, null_label: int | None = None, **guide) -> torch.Tensor:
+    """(n, 1, 32, 32) samples of digits ``arange(n) % 10``, seed SEED, the null label (default the
+    model's ``null_class_label``) as the unconditional half."""
     import fastddim
 
+    null = model.null_class_label if null_label is None else null_label
     return fastddim.sample(model, n, steps, seed=SEED, backend=backend, progress=False,
                            model_kwargs={"class_labels": torch.arange(n) % 10},
-                           uncond_kwargs={"class_labels": torch.tensor([model.null_class_label])}, **guide)
+                           uncond_kwargs={"class_labels": torch.tensor([null])}, **guide)
 
 
 def class_spread(feats: torch.Tensor, labels: torch.Tensor) -> float:
@@ -165,6 +167,50 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def pixel_stats(x: torch.Tensor) -> dict:
+    """Ink (share of pixels > 0), mean value and share outside [-1, 1] of images x (n, 1, 32, 32)."""
+    return {"ink": float((x > 0).float().mean()), "mean": float(x.mean()),
+            "outside": float((x.abs() > 1).float().mean())}
+
+
+def rescale_ratios(model, n: int, steps: int, w: float) -> dict[int, list[float]]:
+    """t -> [mean, min, max] over n samples of the rescale's per-sample ratio std(c) / std(g)
+    (what guidance_rescale moves the guided output by) along the w-guided trajectory, read from
+    the model's doubled calls (unconditional half first)."""
+    from fastddim.guidance import rescale_ratio_torch
+
+    seen = {}
+
+    def spy(x, t, **kw):
+        out = model(x, t, **kw)
+        h = out.shape[0] // 2
+        r = rescale_ratio_torch(out[:h], out[h:], w)
+        seen.setdefault(int(t.flatten()[0]), []).append(r)
+        return out
+
+    spy.schedule, spy.sample_shape = model.schedule, model.sample_shape
+    guided_sample(spy, n, steps, backend="torch", guidance_scale=w, null_label=model.null_class_label)
+    return {t: [float(r.mean()), float(r.min()), float(r.max())] for t, r in ((t, torch.cat(v)) for t, v in seen.items())}
+
+
+def diagnose(args) -> None:
+    """Two measurements behind docs/guidance.md's reading of the table, saved under "diagnostics"."""
+    from fastddim import metrics
+    from fastddim.pretrained import pretrained
+
+    model = pretrained("mnist-cond")
+    n = args.n
+    diag = {"n": n, "steps": 10, "pixels": {"held-out": pixel_stats(metrics.heldout_digits()[0])}}
+    for w in (1.0, 2.0, 5.0):
+        diag["pixels"][f"w={w:g}"] = pixel_stats(guided_sample(model, n, 10, backend=args.backend, guidance_scale=w))
+    diag["rescale_ratio_w5"] = rescale_ratios(model, n, 10, 5.0)
+    with open(args.out) as f:
+        res = json.load(f)
+    res["diagnostics"] = diag
+    save(args.out, res)
+    print(json.dumps(diag, indent=1))
+
+
 def figure(path: str, backend: str) -> None:
     """One row per w in FIGURE_SCALES, digits 0..9 left to right, the same x_T per column."""
     from fastddim import images
@@ -183,6 +229,8 @@ def main() -> int:
     p.add_argument("--only", default="", help="run only the cells whose label contains this")
     p.add_argument("--report", action="store_true", help="print the markdown tables of --out and exit")
     p.add_argument("--figure", default=None, help="write the README grid to this PNG and exit")
+    p.add_argument("--diagnose", action="store_true",
+                   help="pixel statistics at w 1/2/5 and the rescale ratio along w = 5, n samples, into --out's JSON")
     args = p.parse_args()
     if args.n < 20 or args.n % 10:
         p.error(f"--n must be a multiple of 10 and >= 20, got {args.n}")
@@ -191,6 +239,8 @@ def main() -> int:
     if args.report:
         with open(args.out) as f:
             print(report(json.load(f)))
+    elif args.diagnose:
+        diagnose(args)
     elif args.figure:
         figure(args.figure, args.backend)
     else:
