@@ -52,13 +52,14 @@ def cells() -> dict[str, dict]:
     return out
 
 
-def guided_sample(model, n: int, steps: int, *, backend: str, null_label: int | None = None, **guide) -> torch.Tensor:
-    """(n, 1, 32, 32) samples of digits ``arange(n) % 10``, seed SEED, the null label (default the
-    model's ``null_class_label``) as the unconditional half."""
+def guided_sample(model, n: int, steps: int, *, backend: str, null_label: int | None = None, seed: int = SEED,
+                  **guide) -> torch.Tensor:
+    """(n, 1, 32, 32) samples of digits ``arange(n) % 10``, the null label (default the model's
+    ``null_class_label``) as the unconditional half."""
     import fastddim
 
     null = model.null_class_label if null_label is None else null_label
-    return fastddim.sample(model, n, steps, seed=SEED, backend=backend, progress=False,
+    return fastddim.sample(model, n, steps, seed=seed, backend=backend, progress=False,
                            model_kwargs={"class_labels": torch.arange(n) % 10},
                            uncond_kwargs={"class_labels": torch.tensor([null])}, **guide)
 
@@ -84,18 +85,18 @@ def quality(x: torch.Tensor, labels: torch.Tensor) -> dict:
             "predicted_hist": torch.bincount(pred, minlength=10).tolist()}
 
 
-def measure(model, n: int, steps: int, backend: str, guide: dict) -> dict:
+def measure(model, n: int, steps: int, backend: str, guide: dict, seed: int = SEED) -> dict:
     """One cell: sample, time it, read what ran from ``fastddim.info()``, measure the quality."""
     import fastddim
 
     t0 = time.perf_counter()
-    x = guided_sample(model, n, steps, backend=backend, **guide)
+    x = guided_sample(model, n, steps, backend=backend, seed=seed, **guide)
     seconds = time.perf_counter() - t0
     last = fastddim.info()["last_run"]
     ran = {k: last.get(k) for k in ("backend", "timesteps", "guidance", "guidance_rescale", "guidance_interval",
                                      "guided_steps", "model_calls_per_sample", "batch_size")}
     return {"steps": steps, "guide": {k: list(v) if isinstance(v, tuple) else v for k, v in guide.items()},
-            "seconds": round(seconds, 1), "ran": ran, "commit": commit(), **quality(x, torch.arange(n) % 10)}
+            "seed": seed, "seconds": round(seconds, 1), "ran": ran, "commit": commit(), **quality(x, torch.arange(n) % 10)}
 
 
 def commit() -> str:
@@ -135,9 +136,12 @@ def run_cells(args) -> None:
                                            "machine": versions(), "started": time.strftime("%Y-%m-%d %H:%M %Z")})
     t_all = time.perf_counter()
     for label, c in cells().items():
-        if label in res["cells"] or (args.only and args.only not in label):
+        if args.only and args.only not in label:
             continue
-        cell = measure(model, args.n, c["steps"], args.backend, c["guide"])
+        label = label if args.seed == SEED else f"{label} seed {args.seed}"  # another seed: a cell of its own
+        if label in res["cells"]:
+            continue
+        cell = measure(model, args.n, c["steps"], args.backend, c["guide"], args.seed)
         res["cells"][label] = cell
         res["sessions"][-1]["wall_s"] = round(time.perf_counter() - t_all, 1)
         save(args.out, res)
@@ -157,6 +161,7 @@ def report(res: dict) -> str:
     lines = ["| cell | requested digit read | FD to held-out | within-class spread | model calls / sample | seconds |",
              "|---|---|---|---|---|---|"]
     lines += [row(label) for label in cells() if label in cs]
+    lines += [row(label) for label in cs if label not in cells()]  # other seeds
     lines += ["", f"Held-out digits' within-class spread: {res['heldout_spread']:.2f}.", "",
               "| cell | " + " | ".join(str(d) for d in range(10)) + " |", "|---|" + "---|" * 10]
     for label in cells():
@@ -226,6 +231,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=1000, help="samples per cell (a multiple of 10: n/10 per digit)")
     p.add_argument("--backend", default="torch", help="the step's backend (default torch: the bit-exact reference)")
     p.add_argument("--out", default="docs/guidance.json")
+    p.add_argument("--seed", type=int, default=SEED, help="sampling seed (another than %(default)s: cells labelled '... seed N')")
     p.add_argument("--only", default="", help="run only the cells whose label contains this")
     p.add_argument("--report", action="store_true", help="print the markdown tables of --out and exit")
     p.add_argument("--figure", default=None, help="write the README grid to this PNG and exit")

@@ -39,8 +39,8 @@ def test_quality_of_the_heldout_digits_is_the_metric_itself(gq):
 def test_a_rerun_skips_the_cells_it_holds(gq, tmp_path, monkeypatch):
     calls = []
 
-    def fake_measure(model, n, steps, backend, guide):
-        calls.append((steps, guide))
+    def fake_measure(model, n, steps, backend, guide, seed):
+        calls.append((steps, guide, seed))
         return {"accuracy": 1.0, "fd": 0.0, "spread": 0.0, "seconds": 0.0, "ran": {"model_calls_per_sample": steps}}
 
     monkeypatch.setattr(gq, "measure", fake_measure)
@@ -49,12 +49,16 @@ def test_a_rerun_skips_the_cells_it_holds(gq, tmp_path, monkeypatch):
     argv = ["guidance_quality.py", "--n", "20", "--out", str(out), "--only", "w=2 S="]
     monkeypatch.setattr(sys, "argv", argv)
     assert gq.main() == 0
-    assert calls == [(10, {"guidance_scale": 2.0}), (20, {"guidance_scale": 2.0})]
+    assert calls == [(10, {"guidance_scale": 2.0}, 0), (20, {"guidance_scale": 2.0}, 0)]
     res = json.loads(out.read_text())
     assert list(res["cells"]) == ["cfg w=2 S=10", "cfg w=2 S=20"] and len(res["sessions"]) == 1
     before = out.read_bytes()
     assert gq.main() == 0
     assert len(calls) == 2 and out.read_bytes() == before  # nothing measured again, nothing rewritten
+    monkeypatch.setattr(sys, "argv", argv + ["--seed", "1"])  # another seed: cells of its own
+    assert gq.main() == 0
+    assert calls[2:] == [(10, {"guidance_scale": 2.0}, 1), (20, {"guidance_scale": 2.0}, 1)]
+    assert list(json.loads(out.read_text())["cells"])[2:] == ["cfg w=2 S=10 seed 1", "cfg w=2 S=20 seed 1"]
     monkeypatch.setattr(sys, "argv", argv[:2] + ["30"] + argv[3:])
     with pytest.raises(SystemExit, match="holds cells of n = 20"):
         gq.main()
