@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -132,7 +133,7 @@ def run_cells(args) -> None:
                           "in its 64-d features to the 1,000 held-out digits (not Inception FID)",
                 "heldout_spread": class_spread(metrics.heldout_features(), hy), "heldout_n": len(hx)})
     res.setdefault("cells", {})
-    res.setdefault("sessions", []).append({"command": "python " + " ".join(sys.argv), "commit": commit(),
+    res.setdefault("sessions", []).append({"command": "python " + shlex.join(sys.argv), "commit": commit(),
                                            "machine": versions(), "started": time.strftime("%Y-%m-%d %H:%M %Z")})
     t_all = time.perf_counter()
     for label, c in cells().items():
@@ -205,7 +206,8 @@ def diagnose(args) -> None:
 
     model = pretrained("mnist-cond")
     n = args.n
-    diag = {"n": n, "steps": 10, "pixels": {"held-out": pixel_stats(metrics.heldout_digits()[0])}}
+    diag = {"n": n, "steps": 10, "command": "python " + shlex.join(sys.argv), "commit": commit(),
+            "pixels": {"held-out": pixel_stats(metrics.heldout_digits()[0])}}
     for w in (1.0, 2.0, 5.0):
         diag["pixels"][f"w={w:g}"] = pixel_stats(guided_sample(model, n, 10, backend=args.backend, guidance_scale=w))
     diag["rescale_ratio_w5"] = rescale_ratios(model, n, 10, 5.0)
