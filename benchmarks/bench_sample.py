@@ -65,7 +65,8 @@ import pytest
 import torch
 
 import fastddim
-from fastddim.engine import model_output, prepare
+from fastddim.contract import model_output
+from fastddim.engine import prepare
 from machine import cpu_model, versions
 
 # Compile times are reported, so start from an empty inductor cache (as a user's first run does),

@@ -15,7 +15,8 @@ import torch
 
 from . import reference
 from .checks import check_int
-from .engine import FiniteFlags, Run, prepare, progress_bar, resolve_schedule, resolve_shape
+from .contract import resolve_schedule, resolve_shape
+from .engine import FiniteFlags, Run, prepare, progress_bar
 from .guidance import guide, make_guidance
 from .schedule import Schedule
 
