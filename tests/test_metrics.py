@@ -112,3 +112,16 @@ def test_one_pass_helpers_agree():
     fd, h = metrics.fd_and_histogram(x)
     assert fd == pytest.approx(metrics.fd_to_heldout(x), rel=1e-9)
     assert torch.equal(h, metrics.class_histogram(x))
+
+
+def test_memorisation_check_tells_copies_from_new_digits():
+    """Training digits are at distance 0 from the training set; a 'model' that returns copies of
+    them has ratios 0, the held-out digits themselves ratio 1 (the check can fail both ways)."""
+    from fastddim.data import mnist
+
+    train = mnist("train")[0]
+    assert torch.equal(metrics.nearest_training_distance(train[:5]), torch.zeros(5))
+    copies = metrics.memorisation(train[:200] + 0.01)
+    assert copies["median_ratio"] < 0.1 and copies["p5_ratio"] < 0.1  # 0.01 * sqrt(1024) = 0.32 against ~4-10
+    held = metrics.memorisation(metrics.heldout_digits()[0])
+    assert held["median_ratio"] == pytest.approx(1.0) and held["heldout"]["median"] > 5.0
