@@ -319,12 +319,14 @@ def _std(s1, s2, n):
 
 
 @triton.jit
-def _rescale_finish_kernel(part_ptr, ratio_ptr, numel, chunks, BLOCK: tl.constexpr):
+def _rescale_finish_kernel(part_ptr, ratio_ptr, numel, chunks, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # grid = (B,): add a sample's chunk sums (in a fixed order: deterministic), std(c) / std(g).
+    # ITERS = cdiv(chunks, BLOCK) is a constexpr: Triton 3.6's interpreter cannot range() over a
+    # runtime argument (it is an array there), and it is 1 for up to 64 chunks (64K elements).
     b = tl.program_id(0)
     acc = tl.zeros((BLOCK, 4), dtype=tl.float64)
-    for start in range(0, chunks, BLOCK):
-        k = start + tl.arange(0, BLOCK)
+    for i in tl.static_range(ITERS):
+        k = i * BLOCK + tl.arange(0, BLOCK)
         ptr = part_ptr + (b.to(tl.int64) * chunks + k[:, None]) * 4 + tl.arange(0, 4)[None, :]
         acc += tl.load(ptr, mask=k[:, None] < chunks, other=0.0)
     s = tl.sum(acc, axis=0)
@@ -354,7 +356,7 @@ def rescale_ratio(u: torch.Tensor, c: torch.Tensor, w: float) -> torch.Tensor:
     chunks = triton.cdiv(numel, block)
     part = torch.empty((b, chunks, 4), dtype=torch.float64, device=c.device)
     _rescale_partial_kernel[(b, chunks)](u, c, part, numel, chunks, float(w), BLOCK=block)
-    _rescale_finish_kernel[(b,)](part, ratio, numel, chunks, BLOCK=64)
+    _rescale_finish_kernel[(b,)](part, ratio, numel, chunks, BLOCK=64, ITERS=triton.cdiv(chunks, 64))
     return ratio
 
 

@@ -147,6 +147,15 @@ def test_rescale_ratio_matches_torch(shape, dtype):
         assert_close(got, want, 0.0, 1e-5, f"rescale_ratio {shape} {dtype} w={w}")
 
 
+def test_rescale_ratio_past_64_chunks():
+    """More than 64 partial sums per sample (65 chunks of the interpreter's 4096): the finishing
+    kernel's second pass over them (ITERS = 2) counts every one."""
+    u, c = rescale_inputs((2, 65 * 4096 - 7), torch.float32, mean=2.0)
+    assert_close(triton_ratio(u, c, W), guidance.rescale_ratio_torch(u, c, W), 0.0, 1e-5, "rescale_ratio, 65 chunks")
+    c[1, -5:] += 50.0  # the last chunk moves the ratio: a finish that stopped at 64 chunks would miss it
+    assert_close(triton_ratio(u, c, W), guidance.rescale_ratio_torch(u, c, W), 0.0, 1e-5, "rescale_ratio, last chunk")
+
+
 def test_rescale_ratio_is_well_conditioned():
     """A mean 1000 times the spread: float32 sums of squares would lose every digit; the kernel's
     shifted float64 sums stay within 1e-6 of the float64 truth (of the same float32 g)."""

@@ -125,7 +125,7 @@ def _variants():
                         "w": "fp32"}, dict(BLOCK=_rescale_block(k, numel)), numel)
         yield f"normal {size}", k._normal_kernel, {"res_ptr": "*fp32", "rng_ptr": "*i64", "step": "i32", "numel": "i32"}, dict(BLOCK=block), numel
     yield ("rescale finish", k._rescale_finish_kernel,
-           {"part_ptr": "*fp64", "ratio_ptr": "*fp32", "numel": "i32", "chunks": "i32"}, dict(BLOCK=64), 1)
+           {"part_ptr": "*fp64", "ratio_ptr": "*fp32", "numel": "i32", "chunks": "i32"}, dict(BLOCK=64, ITERS=2), 1)
 
 
 def _rescale_block(k, numel: int) -> int:
