@@ -772,6 +772,8 @@ def test_guided_per_digit_grid_and_options(cli, tmp_path):
     (["--class-label", "7", "--guidance", "cfg++", "--guidance-scale", "0.5", "--guidance-rescale", "0.5"],
      ["--guidance-rescale", "cfg"]),
     (["--class-label", "7", "--guidance", "pag"], ["argument --guidance", "invalid choice: 'pag'"]),
+    (["--class-label", "7", "--guidance", "cfg++", "--guidance-scale", "0.5", "--solver", "dpm++2m"],
+     ["--guidance cfg++", "--solver dpm++2m"]),
     (["--class-label", "7", "--guidance-rescale", "0.5"], ["--guidance-rescale", "does nothing"]),
     (["--class-label", "7", "--guidance-interval", "0", "500"], ["--guidance-interval", "does nothing"]),
     (["--class-label", "7", "--guidance-split"], ["--guidance-split", "does nothing"]),

@@ -62,6 +62,9 @@ def guidance_kwargs(args) -> dict:
                 raise c.CliError(f"{flag}: does nothing without guidance (--guidance-scale 1 samples the conditional "
                                  "model alone); add --guidance-scale W", 2)
         return {}
+    if args.guidance == "cfg++" and getattr(args, "solver", "ddim") != "ddim":
+        raise c.CliError(f"--guidance cfg++: a DDIM update (its direction is the unconditional eps), not with "
+                         f"--solver {args.solver}; use --guidance cfg", 2)
     kw = dict(guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
               guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
               guidance=args.guidance, guidance_split=args.guidance_split)
