@@ -98,12 +98,33 @@ def test_table1_from_an_earlier_run(tmp_path):
     ev.evaluate(m, table1_from=tmp_path / "b" / "paper_tables.json", out=tmp_path / "d")
 
 
-def test_table1_from_refuses_what_is_not_a_finished_table1(tmp_path):
+def test_an_unfinished_table1_is_continued_to_what_one_run_makes(tmp_path):
+    """A Table 1 spread over runs (issue 20: n >= 1,024 x 3 seeds does not fit one session): the
+    continued table measures only the (cell, seed) pairs it lacks, in the source's own settings, and
+    equals the table made in one run."""
+    m = TinyDigitModel()
+    kw = dict(table1=True, n=4, seeds=2, table1_steps=(2, 3), table1_etas=(0.0, 1.0))
+    whole = ev.evaluate(m, **kw, out=tmp_path / "a")["table1"]
+    raw = json.loads((tmp_path / "a" / "paper_tables.json").read_text())
+    cells = raw["table1"]["cells"]
+    cells["3/1"] = {"fd": [], "hist": []}  # as an interrupted run leaves it: a cell not begun,
+    cells["3/0"] = {k: v[:1] for k, v in cells["3/0"].items()}  # one with its first seed only
+    raw["table1"]["real"] = []
+    (tmp_path / "unfinished.json").write_text(json.dumps(raw))
+    calls = []
+    done = ev.evaluate(m, table1_from=tmp_path / "unfinished.json", out=tmp_path / "b", log=calls.append)["table1"]
+    sampled = [c.split(":")[0] for c in calls if c.startswith("table1 S=")]
+    assert sampled == ["table1 S=3 eta=0 seed=1", "table1 S=3 eta=1 seed=0", "table1 S=3 eta=1 seed=1"]
+    assert json.loads(json.dumps(done["cells"])) == json.loads(json.dumps(whole["cells"]))
+    assert done["real"] == whole["real"]
+    md = (tmp_path / "b" / "paper_tables.md").read_text()
+    assert "begun by an earlier run" in md and "measured the cells it lacked" in md
+
+
+def test_table1_from_refuses_what_is_not_a_table1(tmp_path):
     m = TinyDigitModel()
     ev.evaluate(m, table1=True, n=4, table1_steps=(2,), table1_etas=(0.0,), out=tmp_path / "a")
     raw = json.loads((tmp_path / "a" / "paper_tables.json").read_text())
-    raw["table1"]["cells"]["2/0"]["fd"] = []  # as an interrupted run leaves it
-    (tmp_path / "unfinished.json").write_text(json.dumps(raw))
     (tmp_path / "t2only.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "table1"}))
     (tmp_path / "other.json").write_text('{"a": 1}')
     (tmp_path / "garbage.json").write_bytes(b"\x00\xff not json")
@@ -112,8 +133,7 @@ def test_table1_from_refuses_what_is_not_a_finished_table1(tmp_path):
                                                             "beside it \\(paper_tables.json\\)"),
                        (tmp_path / "other.json", "not a raw-results file"),
                        (tmp_path / "garbage.json", "not a raw-results file"),
-                       (tmp_path / "t2only.json", "holds no Table 1"),
-                       (tmp_path / "unfinished.json", "unfinished Table 1")):
+                       (tmp_path / "t2only.json", "holds no Table 1")):
         with pytest.raises(ValueError, match=f"table1_from: .*{match}"):
             ev.evaluate(m, table1_from=bad, out=tmp_path / "d")
     assert not (tmp_path / "d").exists()  # refused before anything was made

@@ -56,7 +56,8 @@ def add(sub) -> None:
     p.add_argument("--table2-refine", type=c.nonneg_int, default=1, metavar="K",
                    help="also round-trip every Table 2 row through invert(refine=K); 0 to skip (default 1)")
     p.add_argument("--table1-from", default=None, metavar="JSON",
-                   help="take Table 1 from the paper_tables.json of an earlier run of the same model")
+                   help="take Table 1 from the paper_tables.json of an earlier run of the same model; an "
+                        "unfinished one (interrupted, or spread over sessions) is continued in its own settings")
     p.add_argument("--out", "-o", default=DEFAULT_OUT,
                    help=f"folder for paper_tables.md, paper_tables.json and the PNGs, made if missing "
                         f"(default ./{DEFAULT_OUT})")

@@ -105,20 +105,24 @@ def real_digits_fd(n: int, seeds: list[int]) -> list[float]:
 
 
 def measure_table1(model, t1: dict, progress: Progress, *, batch_size=None, device=None) -> None:
-    """Fill ``t1`` (from ``tables.new_table1``): the real-digit floor, then every (S, eta, seed) cell.
-    Within a seed every cell starts from the same x_T (common random numbers)."""
-    t1["real"] = real_digits_fd(t1["n"], t1["seeds"])
-    t0 = time.perf_counter()
+    """Fill ``t1`` (from ``tables.new_table1``, or an unfinished one to continue): the real-digit
+    floor, then every (S, eta, seed) cell it does not hold yet (a cell's values are in seed order, so
+    a cell holding k of them lacks the seeds after the k-th). Within a seed every cell starts from
+    the same x_T (common random numbers), and a cell's FD depends only on (model, n, S, eta,
+    spacing, seed): a table continued over several runs equals one made in one."""
+    if len(t1.get("real", [])) < len(t1["seeds"]):
+        t1["real"] = real_digits_fd(t1["n"], t1["seeds"])
+    t0, seconds0 = time.perf_counter(), t1.get("seconds", 0.0)
     for s in t1["steps"]:
         for e in t1["etas"]:
             cell = t1["cells"].setdefault(tables.cell_key(s, e), {"fd": [], "hist": []})
-            for sd in t1["seeds"]:
+            for sd in t1["seeds"][len(cell["fd"]):]:
                 c = fd_of_setting(model, t1["n"], s, e, spacing=t1["spacing"], seed=sd, batch_size=batch_size,
                                   device=device)
                 cell["fd"].append(c["fd"])
                 cell["hist"].append(c["hist"])
                 t1["evals"] += c["evals"]
-                t1["seconds"] = time.perf_counter() - t0
+                t1["seconds"] = seconds0 + time.perf_counter() - t0
                 progress(c["evals"], c["seconds"], f"table1 S={s} eta={tables.eta_str(e)} seed={sd}: "
                                                    f"FD {c['fd']:.3f} ({c['seconds']:.0f} s)")
 

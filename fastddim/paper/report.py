@@ -67,8 +67,10 @@ def _table1(t1: dict, src: dict | None) -> str:
          f"Spacing `{t1['spacing']}` (the paper's CIFAR-10 choice), n = {t1['n']} samples per cell, "
          f"mean ± std over {want} seed(s) {t1['seeds']}. Within a seed every cell starts from the same x_T.", ""]
     if src:
-        L += [f"This table was measured by an earlier run and read from its raw results (`--table1-from "
-              f"{src['path']}`): `{src['command']}`, started {src['started']} on {src['machine']}.", ""]
+        how = "begun" if src.get("finished") is False else "measured"
+        L += [f"This table was {how} by an earlier run and read from its raw results (`--table1-from "
+              f"{src['path']}`): `{src['command']}`, started {src['started']} on {src['machine']}"
+              + ("; this run measured the cells it lacked." if how == "begun" else "."), ""]
     L.append("| eta \\ S | " + " | ".join(str(s) for s in t1["steps"]) + " |")
     L.append("|---|" + "---|" * len(t1["steps"]))
     for eta in t1["etas"]:

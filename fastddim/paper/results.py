@@ -58,7 +58,8 @@ def load(path: str | os.PathLike, what: str = "results") -> dict:
 
 def load_table1(path: str | os.PathLike) -> dict:
     """Table 1 of an earlier run and its provenance: ``{"table1", "path", "command", "machine",
-    "started", "model_desc"}``. Refuses a file without a finished Table 1."""
+    "started", "model_desc", "finished"}``. An unfinished Table 1 (an interrupted run, or one spread
+    over sessions) is returned too, ``finished`` False: ``evaluate`` measures what it lacks."""
     st = load(path, "table1_from")
     t1 = st.get("table1")
     try:
@@ -67,7 +68,5 @@ def load_table1(path: str | os.PathLike) -> dict:
         ok = False
     if not ok:
         raise ValueError(f"table1_from: {path} holds no Table 1 results")
-    if not tables.table1_complete(t1):
-        raise ValueError(f"table1_from: {path} holds an unfinished Table 1")
-    return {"table1": t1, "path": str(path), **{k: str(st.get(k, "")) for k in
-                                                 ("command", "machine", "started", "model_desc")}}
+    return {"table1": t1, "path": str(path), "finished": tables.table1_complete(t1),
+            **{k: str(st.get(k, "")) for k in ("command", "machine", "started", "model_desc")}}

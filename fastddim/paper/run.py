@@ -61,7 +61,10 @@ def evaluate(
         table2_refine: K > 0 adds, for every Table 2 row, the round trip through
             ``invert(refine=K)`` (S * (1 + K) encoder calls) next to the paper's plain encoder.
         table1_from: the ``paper_tables.json`` of an earlier run of the same model: take Table 1 from
-            it instead of measuring it again (implies ``table1``).
+            it instead of measuring it again (implies ``table1``). An unfinished one (an interrupted
+            run, or a table spread over sessions) is continued: the (cell, seed) pairs it lacks are
+            measured, in its own settings (steps, etas, seeds, n, spacing), and the result equals
+            a table made in one run.
         command: the command line to print in the report (the CLI fills it in).
         log: progress lines (default: print to stderr).
 
@@ -164,7 +167,8 @@ def _python_command(cfg: Settings) -> str:
 def _provenance(command: str, desc: str, loaded: dict | None) -> dict:
     return {"command": command, "machine": _machine(), "model_desc": desc,
             "started": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-            "table1_from": None if loaded is None else {k: loaded[k] for k in ("path", "command", "machine", "started")}}
+            "table1_from": None if loaded is None else {k: loaded[k] for k in ("path", "command", "machine", "started",
+                                                                                "finished")}}
 
 
 # ------------------------------------------------------------------------------ the runs
@@ -188,12 +192,17 @@ def _plan(model, cfg: Settings, loaded: dict | None) -> tuple[int, str]:
     seeds, n = len(cfg.seeds), cfg.n
     t1 = 0 if loaded is not None or not cfg.table1 else sum(
         seeds * n * measure.model_calls(model, s, e, cfg.spacing) for s in cfg.t1_steps for e in cfg.t1_etas)
+    if loaded is not None and not loaded["finished"]:  # what the unfinished table lacks, in its own settings
+        lt = loaded["table1"]
+        t1 = sum((len(lt["seeds"]) - len(lt["cells"].get(tables.cell_key(s, e), {}).get("fd", [])))
+                 * lt["n"] * measure.model_calls(model, s, e, lt["spacing"]) for s in lt["steps"] for e in lt["etas"])
     K, nf = cfg.t2_refine, cfg.t2_n_for
     t2 = (sum((4 + K if K else 2) * nf[str(s)] * s for s in cfg.t2_steps)
           + len(cfg.t2_variants) * sum(2 * cfg.t2_variant_n * s for s in cfg.t2_variant_steps)) if cfg.table2 else 0
     counts = []
     if loaded is not None:
-        counts.append(f"Table 1: taken from {cfg.table1_from} ({loaded['table1']['evals']:,} network evaluations there)")
+        counts.append(f"Table 1: taken from {cfg.table1_from} ({loaded['table1']['evals']:,} network evaluations there"
+                      + ("" if loaded["finished"] else f", continued here: {t1:,} more") + ")")
     elif cfg.table1:
         cells = len(cfg.t1_steps) * len(cfg.t1_etas)
         counts.append(f"Table 1: {cells} cells x {seeds} seed(s) x {n} samples = {cells * seeds * n:,} samples "
@@ -238,7 +247,9 @@ def _run_report(model, cfg: Settings, loaded: dict | None, prov: dict, device, l
     log(f"plan: {planned:,} network evaluations for the tables; report -> {out / report.REPORT}")
     if loaded is not None:
         st["table1"] = loaded["table1"]
-        log(f"table1: taken from {cfg.table1_from}")
+        log(f"table1: taken from {cfg.table1_from}" + ("" if loaded["finished"] else ", unfinished: continuing it"))
+        if not loaded["finished"]:
+            measure.measure_table1(model, st["table1"], run.progress, **kw)
     elif cfg.table1:
         st["table1"] = tables.new_table1(cfg.t1_steps, cfg.t1_etas, cfg.seeds, cfg.n, cfg.spacing)
         measure.measure_table1(model, st["table1"], run.progress, **kw)
