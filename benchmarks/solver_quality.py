@@ -1,6 +1,6 @@
 """Quality per model call: DDIM (eta 0) against DPM-Solver++(2M) on the built-in MNIST model.
 
-    python benchmarks/solver_quality.py --n 500 --seeds 2 --out docs/solvers.json
+    python benchmarks/solver_quality.py --n 500 --seeds 2 --model mnist-v1 --out docs/solvers.json
 
 Each cell draws n samples with ``fastddim.sample`` (seed s, samples 0..n-1) and measures the
 Frechet distance in the project's MNIST classifier features against held-out digits
@@ -37,6 +37,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--backend", default="torch", help="the step's backend (default torch: the bit-exact reference)")
     p.add_argument("--out", default="docs/solvers.json")
+    p.add_argument("--model", default="mnist", help="packaged name or checkpoint (docs/solvers.json: mnist-v1)")
     args = p.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(__file__))
@@ -49,8 +50,8 @@ def main() -> int:
     if unknown:
         p.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
     steps = [int(s) for s in args.steps.split(",")]
-    model = fastddim.pretrained()
-    res = {"command": "python " + " ".join(sys.argv), "machine": versions(), "n": args.n,
+    model = fastddim.pretrained(args.model)
+    res = {"command": "python " + " ".join(sys.argv), "machine": versions(), "model": args.model, "n": args.n,
            "seeds": list(range(args.seeds)), "backend": args.backend, "settings": {k: SETTINGS[k] for k in labels},
            "metric": "Frechet distance in the MNIST classifier's features to held-out digits (fastddim.metrics)",
            "started": time.strftime("%Y-%m-%d %H:%M %Z"), "cells": []}

@@ -8,9 +8,10 @@ eps MSE over t and a quick FD, before the long run.
 Each candidate trains through ``fastddim.train.train`` (so ``--resume`` continues it bit for bit)
 and logs to ``<out>/<name>.log``; ``eval`` writes ``<checkpoint>.eval.json``: the EMA weights'
 eps MSE on the 1,000 held-out digits at t in T_GRID (fixed noise, seed 0) and their mean, and the
-FD to the held-out digits of ``--fd-n`` DDIM samples (S = 20, eta = 0, seed 0). Compare
+FD to the held-out digits of ``--fd-n`` DDIM samples (S = 20 or each ``--fd-steps``, eta = 0,
+seed 0) and, with ``--memorisation``, their nearest-training-digit distances against the held-out digits'. Compare
 candidates at equal cost: ``throughput`` measures seconds per optimizer step of each recipe
-side by side (interleaved rounds, one thread) on this machine.
+side by side (interleaved rounds, ``--threads``, default one) on this machine.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ CANDIDATES = {
     "w32-bf16-cos": ({"ch": 32}, {"autocast": "bf16", "lr_schedule": "cosine"}),
     "w32-bf16-cos-snr": ({"ch": 32}, {"autocast": "bf16", "lr_schedule": "cosine", "loss_weighting": "min-snr"}),
     "w16-cos-snr": ({}, {"lr_schedule": "cosine", "loss_weighting": "min-snr"}),
+    # for CPUs without native bf16 (AVX2 only), where autocast is slower than float32
+    "w32-cos-snr": ({"ch": 32}, {"lr_schedule": "cosine", "loss_weighting": "min-snr"}),
 }
 
 
@@ -67,9 +70,9 @@ def heldout_eps_mse(net: UNet, n: int = 1000) -> dict[int, float]:
     return res
 
 
-def evaluate(path: Path, fd_n: int, threads: int) -> dict:
+def evaluate(path: Path, fd_n: int, threads: int, fd_steps: tuple[int, ...] = (20,), memo: bool = False) -> dict:
     import fastddim
-    from fastddim.metrics import fd_to_heldout
+    from fastddim.metrics import fd_to_heldout, memorisation
     from fastddim.pretrained import load_checkpoint
 
     torch.set_num_threads(threads)
@@ -81,18 +84,22 @@ def evaluate(path: Path, fd_n: int, threads: int) -> dict:
     res = {"checkpoint": str(path), "step": ck.step, "train": ck.train, "eps_mse": mse,
            "eps_mse_mean": sum(mse.values()) / len(mse)}
     if fd_n:
-        x = fastddim.sample(net, n=fd_n, steps=20, seed=0, progress=False)
-        res.update(fd_n=fd_n, fd_S20=fd_to_heldout(x.clamp(-1, 1)))
+        res["fd_n"] = fd_n
+        for S in fd_steps:
+            x = fastddim.sample(net, n=fd_n, steps=S, seed=0, progress=False).clamp(-1, 1)
+            res[f"fd_S{S}"] = fd_to_heldout(x)
+            if memo and "memorisation" not in res:  # on the samples of the first S
+                res["memorisation"] = dict(memorisation(x), steps=S)
     res["eval_seconds"] = time.perf_counter() - t0
     Path(f"{path}.eval.json").write_text(json.dumps(res, indent=1))
     return res
 
 
-def throughput(names: list[str], batch_size: int, rounds: int, reps: int) -> dict:
+def throughput(names: list[str], batch_size: int, rounds: int, reps: int, threads: int = 1) -> dict:
     """Seconds per optimizer step of each recipe, interleaved rounds (min over rounds)."""
     from fastddim.train import _Run
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     runs = {}
     for name in names:
         cfg = config(name)
@@ -127,18 +134,21 @@ def main(argv=None) -> None:
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--fd-n", type=int, default=500)
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--fd-steps", type=int, nargs="+", default=[20], help="DDIM steps S of each FD (eta 0, seed 0)")
+    e.add_argument("--memorisation", action="store_true", help="nearest-training-digit distances of the first S's samples")
     h = sub.add_parser("throughput")
     h.add_argument("names", nargs="*", default=sorted(CANDIDATES))
     h.add_argument("--batch-size", type=int, default=64)
     h.add_argument("--rounds", type=int, default=3)
     h.add_argument("--reps", type=int, default=5)
+    h.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.cmd == "train":
         print(json.dumps(train_candidate(args.name, args.steps, args.out, args.threads, args.batch_size, args.lr)))
     elif args.cmd == "eval":
-        print(json.dumps(evaluate(args.checkpoint, args.fd_n, args.threads), indent=1))
+        print(json.dumps(evaluate(args.checkpoint, args.fd_n, args.threads, tuple(args.fd_steps), args.memorisation), indent=1))
     else:
-        print(json.dumps(throughput(args.names, args.batch_size, args.rounds, args.reps), indent=1))
+        print(json.dumps(throughput(args.names, args.batch_size, args.rounds, args.reps, args.threads), indent=1))
 
 
 if __name__ == "__main__":

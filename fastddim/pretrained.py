@@ -33,7 +33,9 @@ FORMAT = "fastddim-checkpoint-1"
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # name -> file in fastddim/weights/ (how each was trained: docs/training.md). "mnist-cond" is the
 # "mnist-cond" U-Net preset (conditioned on the digit, with a null label), for guidance.
-KNOWN = {"mnist": "mnist.safetensors", "mnist-cond": "mnist-cond.safetensors"}
+# "mnist-v1" is the default before issue 20 (same network, 4,000 steps): the docs' figures
+# measured on it name it, so they stay reproducible.
+KNOWN = {"mnist": "mnist.safetensors", "mnist-cond": "mnist-cond.safetensors", "mnist-v1": "mnist-v1.safetensors"}
 
 # Schedules a checkpoint may name; rebuilt from (kind, T) and checked against the stored hash.
 _SCHEDULE_KINDS = {"linear": Schedule.linear, "scaled_linear": Schedule.scaled_linear, "cosine": Schedule.cosine}
@@ -123,7 +125,8 @@ def pretrained(name: str | os.PathLike = "mnist", device: str | torch.device | N
     Args:
         name: a packaged model (``"mnist"``: 1x32x32 digits, linear schedule, T=1000;
             ``"mnist-cond"``: the same conditioned on the digit, ``model(x, t, class_labels=y)`` with
-            ``model.null_class_label`` the unconditional label) or the path of a checkpoint written
+            ``model.null_class_label`` the unconditional label; ``"mnist-v1"``: the previous, weaker
+            ``"mnist"``, kept for the figures measured on it) or the path of a checkpoint written
             by ``fastddim.train.train`` (its EMA weights are used).
         device: where to put the model (default CPU).
 
