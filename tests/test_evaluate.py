@@ -121,6 +121,60 @@ def test_an_unfinished_table1_is_continued_to_what_one_run_makes(tmp_path):
     assert "begun by an earlier run" in md and "measured the cells it lacked" in md
 
 
+def _without_seconds(d):
+    """A table's numbers without its timings, which differ between runs."""
+    if isinstance(d, dict):
+        return {k: _without_seconds(v) for k, v in d.items() if k != "seconds"}
+    return d
+
+
+def test_an_unfinished_table2_is_continued_to_what_one_run_makes(tmp_path):
+    """Table 2 at 256 digits per row does not fit one session either: the continued table measures
+    only the rows, refined rows and diagnostic cells it lacks, in the source's own settings, equals
+    the table made in one run, and still draws the reconstruction figure for the rows it took over."""
+    m = TinyDigitModel()
+    kw = dict(table2=True, table2_steps=(2, 3, 5), table2_n=8, table2_refine=1, table2_variants="quad:target",
+              table2_variant_steps=(2, 3))
+    whole = ev.evaluate(m, **kw, out=tmp_path / "a")["table2"]
+    raw = json.loads((tmp_path / "a" / "paper_tables.json").read_text())
+    rows = raw["table2"]["rows"]
+    del rows["5"], rows["3"]["refined"], raw["table2"]["variants"]["quad:target"]["3"]  # as an interrupted run
+    lacking = 8 * 3 * 3 + 8 * 5 * 2 + 8 * 5 * 3 + 8 * 3 * 2  # network evaluations of what was deleted
+    raw["table2"]["evals"] -= lacking  # an interrupted run has not counted them
+    (tmp_path / "unfinished.json").write_text(json.dumps(raw))
+    calls = []
+    res = ev.evaluate(m, table2_from=tmp_path / "unfinished.json", figures=True, out=tmp_path / "b",
+                      log=calls.append)
+    sampled = [c.split(": MSE")[0] for c in calls if c.startswith("table2 ")]
+    assert sampled == ["table2 S=3 n=8 refine=1", "table2 S=5 n=8", "table2 S=5 n=8 refine=1",
+                       "table2 variant quad:target S=3 n=8"]
+    assert calls[0] == (f"plan: {lacking:,} network evaluations for the tables; "
+                        f"report -> {tmp_path / 'b' / 'paper_tables.md'}")
+    done = json.loads(json.dumps(res["table2"]))
+    assert _without_seconds(done) == _without_seconds(json.loads(json.dumps(whole)))
+    assert len(done["rows"]["5"]["per_image"]) == 8  # each image's MSE, to say which digits fail
+    assert (tmp_path / "b" / figures.FIGURES["reconstructions"]).stat().st_size > 1000
+    md = (tmp_path / "b" / "paper_tables.md").read_text()
+    t2_md = md.split("## Table 2", 1)[1]
+    assert "`--table2-from " in t2_md and "this run measured the cells it lacked" in t2_md
+    assert "## Table 1" not in md
+
+
+def test_table2_from_refuses_another_model_or_what_is_not_a_table2(tmp_path):
+    m = TinyDigitModel()
+    ev.evaluate(m, table1=True, n=4, table1_steps=(2,), table1_etas=(0.0,), out=tmp_path / "a")
+    with pytest.raises(ValueError, match="table2_from: .*holds no Table 2"):
+        ev.evaluate(m, table2_from=tmp_path / "a" / "paper_tables.json", out=tmp_path / "c")
+    ev.evaluate(m, table2=True, table2_steps=(2,), table2_n=2, table2_refine=0, out=tmp_path / "b")
+
+    class OtherModel(TinyDigitModel):
+        pass
+
+    with pytest.raises(ValueError, match="table2_from: .*made with the model"):
+        ev.evaluate(OtherModel(), table2_from=tmp_path / "b" / "paper_tables.json", out=tmp_path / "c")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
 def test_table1_from_refuses_what_is_not_a_table1(tmp_path):
     m = TinyDigitModel()
     ev.evaluate(m, table1=True, n=4, table1_steps=(2,), table1_etas=(0.0,), out=tmp_path / "a")
@@ -294,6 +348,27 @@ def test_report_renders_from_raw_results_alone(tmp_path):
     assert "STILL RUNNING" in md and "| 3 | 2 |  | not run |" in md
 
 
+def test_table1_claims_are_checked_seed_by_seed():
+    """The paper's claims on Table 1 per seed (a seed's cells share x_T), and by how much each is missed."""
+    from fastddim.paper import tables
+
+    fd = {"10/0": [10, 12], "10/1": [11, 11], "10/sigma_hat": [20, 9],
+          "20/0": [8, 9], "20/1": [7, 10.5], "20/sigma_hat": [9.5, 9.5]}
+    t1 = {"steps": [10, 20], "etas": [0.0, 1.0, "sigma_hat"], "seeds": [0, 1], "n": 4, "spacing": "quad",
+          "cells": {k: {"fd": v} for k, v in fd.items()}, "real": [5.0, 5.0]}
+    assert tables.table1_claims(t1) == [
+        "eta = 0 best at S = 10: under 1 of 2 seed(s) (eta = sigma_hat lower where it loses; eta = 0 is 1.50 "
+        "above each seed's best cell on average).",
+        "eta = 0 best at S = 20: under 1 of 2 seed(s) (eta = 1 lower where it loses; eta = 0 is 0.50 above each "
+        "seed's best cell on average).",
+        "sigma_hat worst at S = 10: under 1 of 2 seed(s).",
+        "best cell S = 20, eta = 0: FD 8.50, 1.70x the real-data floor 5.00 (the paper's goal: within 2x, i.e. "
+        "FD <= 10.00).",
+    ]
+    t1["cells"]["20/1"]["fd"] = [7]  # a seed that not every eta of a row has is left out of that row
+    assert tables.table1_claims(t1)[1].startswith("eta = 0 best at S = 20: under 0 of 1 seed(s) (eta = 1 lower")
+
+
 def test_check_int_list():
     from fastddim.checks import check_int_list
 
@@ -313,5 +388,5 @@ def test_committed_report_is_rendered_from_its_raw_results():
     st = results.load(os.path.join(docs, "paper_tables.json"))
     with open(os.path.join(docs, "paper_tables.md")) as f:
         assert f.read().startswith(report.render(st) + "\n## Notes written after the run")
-    t1 = results.load_table1(os.path.join(docs, "paper_tables.json"))
+    t1 = results.load_table(os.path.join(docs, "paper_tables.json"), "table1")
     assert t1["table1"]["n"] == 512 and t1["model_desc"].startswith("`mnist` (686,769 parameters, T = 1000)")

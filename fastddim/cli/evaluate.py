@@ -22,6 +22,7 @@ def add(sub) -> None:
                "  fastddim eval -n 500 --seeds 2 --steps 10 --solver dpm++2m # DPM-Solver++(2M), one setting\n"
                "  fastddim eval --table1 -n 512 --seeds 2 --out runs/t1      # the long part alone (Table 1)\n"
                "  fastddim eval --table2 --figures --table1-from runs/t1/paper_tables.json --out report/\n"
+               "  fastddim eval --table2-from runs/t2/paper_tables.json --out runs/t2   # continue Table 2\n"
                f"  fastddim eval --table1 --table2 --figures                  # everything, into ./{DEFAULT_OUT}/\n\n"
                "A report is OUT/paper_tables.md, rendered from OUT/paper_tables.json (every number, rewritten\n"
                "after each cell), plus the PNGs with --figures. See docs/cli.md and docs/paper_tables.md.",
@@ -58,6 +59,8 @@ def add(sub) -> None:
     p.add_argument("--table1-from", default=None, metavar="JSON",
                    help="take Table 1 from the paper_tables.json of an earlier run of the same model; an "
                         "unfinished one (interrupted, or spread over sessions) is continued in its own settings")
+    p.add_argument("--table2-from", default=None, metavar="JSON",
+                   help="the same for Table 2: an unfinished one is continued row by row in its own settings")
     p.add_argument("--out", "-o", default=DEFAULT_OUT,
                    help=f"folder for paper_tables.md, paper_tables.json and the PNGs, made if missing "
                         f"(default ./{DEFAULT_OUT})")
@@ -87,7 +90,7 @@ def run(args) -> int:
         table2_steps=args.table2_steps, table2_n=args.table2_n, table2_n_long=args.table2_n_long,
         table2_long_from=args.table2_long_from, table2_variants=args.table2_variants,
         table2_variant_steps=args.table2_variant_steps, table2_refine=args.table2_refine,
-        table1_from=args.table1_from, command=cmd, solver=args.solver,
+        table1_from=args.table1_from, table2_from=args.table2_from, command=cmd, solver=args.solver,
     )
     if res.get("single") is None:
         print(res["report"])

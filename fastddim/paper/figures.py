@@ -14,7 +14,7 @@ import torch
 from ..images import atomic_write
 from . import tables
 
-__all__ = ["FIGURES", "consistency", "interpolation", "reconstructions", "table1", "table2"]
+__all__ = ["FIGURES", "RECONSTRUCTION_DIGITS", "consistency", "interpolation", "reconstructions", "table1", "table2"]
 
 FIGURES = {
     "consistency": "fig_consistency.png",
@@ -23,6 +23,7 @@ FIGURES = {
     "table2": "fig_table2.png",
     "reconstructions": "fig_reconstructions.png",
 }
+RECONSTRUCTION_DIGITS = 8  # held-out digits shown in the reconstruction figure (one of each of 0..7)
 
 
 def _grid(x: torch.Tensor, rows: int, cols: int, pad: int = 2):
@@ -82,7 +83,8 @@ def interpolation(images: torch.Tensor, pairs: int, steps: int, out: Path) -> Pa
                          f"slerp(z0, z1), alpha = 0 .. 1, S={steps}, eta=0", 32)
 
 
-def reconstructions(x0: torch.Tensor, recons: dict[int, torch.Tensor], out: Path, n: int = 8) -> Path:
+def reconstructions(x0: torch.Tensor, recons: dict[int, torch.Tensor], out: Path,
+                    n: int = RECONSTRUCTION_DIGITS) -> Path:
     """The first ``n`` held-out digits x0 (N, 1, 32, 32) and their round trips at each S (those with n images)."""
     keys = [s for s in sorted(recons) if len(recons[s]) >= n]
     rows = [x0[:n]] + [recons[s][:n] for s in keys]

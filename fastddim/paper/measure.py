@@ -129,35 +129,43 @@ def measure_table1(model, t1: dict, progress: Progress, *, batch_size=None, devi
 
 def measure_table2(model, t2: dict, x_all: torch.Tensor, progress: Progress, *, batch_size=None,
                    device=None) -> dict[int, torch.Tensor]:
-    """Fill ``t2`` (from ``tables.new_table2``) from the held-out digits ``x_all`` (N, 1, 32, 32), row
-    S on its first ``n_for[S]``; then the diagnostic variants. Returns the Euler encoder's
-    reconstructions per S, for the figure."""
-    t0 = time.perf_counter()
+    """Fill ``t2`` (from ``tables.new_table2``, or an unfinished one to continue) from the held-out
+    digits ``x_all`` (N, 1, 32, 32): row S on its first ``n_for[S]``, with the refined encoder
+    beside it when K > 0; then the diagnostic variants. What ``t2`` holds already is not measured
+    again (every row depends only on the model and its own settings, so a table continued over
+    several runs equals one made in one). Returns the Euler encoder's reconstructions of the rows
+    measured here, per S, for the figure."""
+    t0, seconds0 = time.perf_counter(), t2.get("seconds", 0.0)
     K = t2["refine"]
 
     def count(evals: int, seconds: float, msg: str) -> None:
         t2["evals"] += evals
-        t2["seconds"] = time.perf_counter() - t0
+        t2["seconds"] = seconds0 + time.perf_counter() - t0
         progress(evals, seconds, msg)
 
     recons = {}
     for s in t2["steps"]:
         k = t2["n_for"][str(s)]
-        mse, recons[s], sec = reconstruction_errors(model, x_all[:k], s, batch_size=batch_size, device=device)
-        row = t2["rows"][str(s)] = {"n": k, "common": float(mse[:t2["n_common"]].mean()), **tables.mse_stats(mse, sec)}
-        count(2 * k * s, sec, f"table2 S={s} n={k}: MSE {row['mse']:.2e}")
-        if K:
+        if str(s) not in t2["rows"]:
+            mse, recons[s], sec = reconstruction_errors(model, x_all[:k], s, batch_size=batch_size, device=device)
+            row = t2["rows"][str(s)] = {"n": k, "common": float(mse[:t2["n_common"]].mean()),
+                                        **tables.mse_stats(mse, sec)}
+            count(2 * k * s, sec, f"table2 S={s} n={k}: MSE {row['mse']:.2e}")
+        row = t2["rows"][str(s)]
+        if K and "refined" not in row:
             mse_r, _, sec_r = reconstruction_errors(model, x_all[:k], s, refine=K, batch_size=batch_size,
                                                     device=device)
             row["refined"] = tables.mse_stats(mse_r, sec_r)
             count((2 + K) * k * s, sec_r, f"table2 S={s} n={k} refine={K}: MSE {row['refined']['mse']:.2e}")
     kv = t2["variant_n"]
-    for v in t2["variants"]:
+    for v, done in t2["variants"].items():
         sp, conv = v.split(":")
         for s in t2["variant_steps"]:
+            if str(s) in done:
+                continue
             mse, _, sec = reconstruction_errors(model, x_all[:kv], s, spacing=sp, convention=conv,
                                                 batch_size=batch_size, device=device)
-            t2["variants"][v][str(s)] = tables.mse_stats(mse, sec)
+            done[str(s)] = tables.mse_stats(mse, sec)
             count(2 * kv * s, sec, f"table2 variant {v} S={s} n={kv}: MSE {float(mse.mean()):.2e} ({sec:.0f} s)")
     return recons
 

@@ -38,8 +38,9 @@ def render(st: dict) -> str:
     if st.get("table1"):
         parts.append(_table1(st["table1"], st.get("table1_from")))
     if st.get("table2"):
-        parts += [_table2_intro(st["table2"]), _table2_rows(st["table2"]), _table2_variants(st["table2"])]
-        parts.append(f"Table 2 time: {st['table2']['seconds'] / 60:.1f} min for {st['table2']['evals']:,} "
+        t2 = st["table2"]
+        parts += [_table2_intro(t2, st.get("table2_from")), _table2_rows(t2), _table2_variants(t2)]
+        parts.append(f"Table 2 time: {t2['seconds'] / 60:.1f} min for {t2['evals']:,} "
                      "network evaluations.\n\n")
     parts += [_figures(st.get("figures") or {}), _remake(st)]
     return "".join(parts)
@@ -66,11 +67,7 @@ def _table1(t1: dict, src: dict | None) -> str:
     L = ["## Table 1: FD to held-out digits (lower is better)", "",
          f"Spacing `{t1['spacing']}` (the paper's CIFAR-10 choice), n = {t1['n']} samples per cell, "
          f"mean ± std over {want} seed(s) {t1['seeds']}. Within a seed every cell starts from the same x_T.", ""]
-    if src:
-        how = "begun" if src.get("finished") is False else "measured"
-        L += [f"This table was {how} by an earlier run and read from its raw results (`--table1-from "
-              f"{src['path']}`): `{src['command']}`, started {src['started']} on {src['machine']}"
-              + ("; this run measured the cells it lacked." if how == "begun" else "."), ""]
+    L += _earlier(src, "table1")
     L.append("| eta \\ S | " + " | ".join(str(s) for s in t1["steps"]) + " |")
     L.append("|---|" + "---|" * len(t1["steps"]))
     for eta in t1["etas"]:
@@ -84,6 +81,9 @@ def _table1(t1: dict, src: dict | None) -> str:
     obs = tables.table1_observations(t1)
     if obs:
         L += ["Observed: " + " ".join(obs), ""]
+    claims = tables.table1_claims(t1)
+    if claims:
+        L += ["The paper's claims, checked seed by seed:", "", *[f"- {c}" for c in claims], ""]
     h = t1["cells"].get(cell_key(max(t1["steps"]), 0.0), {}).get("hist")
     if h:
         L += [f"Class histogram of the S = {max(t1['steps'])}, eta = 0 samples (seed {t1['seeds'][0]}, "
@@ -92,13 +92,23 @@ def _table1(t1: dict, src: dict | None) -> str:
     return "\n".join(L) + "\n"
 
 
-def _table2_intro(t2: dict) -> str:
+def _earlier(src: dict | None, key: str) -> list[str]:
+    """The lines saying that a table was taken from (or begun by) an earlier run."""
+    if not src:
+        return []
+    how = "begun" if src.get("finished") is False else "measured"
+    return [f"This table was {how} by an earlier run and read from its raw results (`--{key}-from "
+            f"{src['path']}`): `{src['command']}`, started {src['started']} on {src['machine']}"
+            + ("; this run measured the cells it lacked." if how == "begun" else "."), ""]
+
+
+def _table2_intro(t2: dict, src: dict | None) -> str:
     K = t2.get("refine", 0)
     L = ["## Table 2: reconstruction error of held-out digits", "",
          "Encode with `fastddim.invert` and decode with `fastddim.sample` (S steps, eta = 0), spacing `uniform`. "
          "Per-dimension MSE with images in [-1, 1] (± standard error over images). On a [0, 1] scale the MSE "
          "would be 4x smaller; the comparison uses the larger [-1, 1] number. Held-out digits are class-balanced; "
-         "the smaller sets are prefixes of the larger.", "",
+         "the smaller sets are prefixes of the larger.", "", *_earlier(src, "table2"),
          "- **Euler encoder (the paper's)**: `invert(S)`, the DDIM step run forward with eps at the source "
          "timestep; S model calls."]
     if K:
@@ -173,6 +183,7 @@ def _figures(figs: dict) -> str:
 def _remake(st: dict) -> str:
     L = ["## How to remake this", "", "```", st["command"], "```", "", "Sample counts: " + st["counts"] + ".", ""]
     if st.get("table1") or st.get("table2"):
-        L += [f"Every number behind the tables (for re-plotting without re-sampling, or for `--table1-from`): "
+        L += [f"Every number behind the tables (for re-plotting without re-sampling, or for `--table1-from` / "
+              "`--table2-from`): "
               f"[{results.RESULTS}]({results.RESULTS}).", ""]
     return "\n".join(L)

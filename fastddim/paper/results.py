@@ -1,5 +1,6 @@
 """The raw results of a run as a JSON file beside its report: written atomically after every cell,
-read back to render the report or to reuse Table 1 (``--table1-from``). Never parsed out of markdown.
+read back to render the report or to reuse or continue a table (``--table1-from``, ``--table2-from``).
+Never parsed out of markdown.
 
 The file (``paper_tables.json``) is one object:
 
@@ -7,7 +8,7 @@ The file (``paper_tables.json``) is one object:
      "command": str, "machine": str, "model_desc": str, "started": str,   # provenance
      "done": bool, "elapsed": seconds, "throughput": network evaluations per second of sampling,
      "counts": str (what was planned), "figures": {kind: file name},
-     "table1_from": null or {"path", "command", "machine", "started"},
+     "table1_from", "table2_from": null or {"path", "command", "machine", "started", "finished"},
      "table1": see fastddim.paper.tables (absent when not made), "table2": likewise}
 
 Numbers a run could not define (a standard error over one image) are written as NaN, which
@@ -22,7 +23,7 @@ from pathlib import Path
 from ..images import atomic_write
 from . import tables
 
-__all__ = ["RESULTS", "FORMAT", "save", "load", "load_table1"]
+__all__ = ["RESULTS", "FORMAT", "save", "load", "load_table"]
 
 RESULTS = "paper_tables.json"
 FORMAT = "fastddim-paper-results/1"
@@ -56,17 +57,28 @@ def load(path: str | os.PathLike, what: str = "results") -> dict:
     return st
 
 
-def load_table1(path: str | os.PathLike) -> dict:
-    """Table 1 of an earlier run and its provenance: ``{"table1", "path", "command", "machine",
-    "started", "model_desc", "finished"}``. An unfinished Table 1 (an interrupted run, or one spread
-    over sessions) is returned too, ``finished`` False: ``evaluate`` measures what it lacks."""
-    st = load(path, "table1_from")
-    t1 = st.get("table1")
+# What makes a stored table usable, and when it is finished (tables.py documents the keys).
+_TABLES = {
+    "table1": (lambda t: isinstance(t["cells"], dict) and bool(t["steps"] and t["etas"] and t["seeds"]),
+               tables.table1_complete),
+    "table2": (lambda t: isinstance(t["rows"], dict) and isinstance(t["variants"], dict) and bool(t["steps"])
+               and all(str(s) in t["n_for"] for s in t["steps"]), tables.table2_complete),
+}
+
+
+def load_table(path: str | os.PathLike, key: str) -> dict:
+    """Table ``key`` ("table1" or "table2") of an earlier run and its provenance: ``{key, "path",
+    "command", "machine", "started", "model_desc", "finished"}``. An unfinished table (an
+    interrupted run, or one spread over sessions) is returned too, ``finished`` False: ``evaluate``
+    measures what it lacks. Errors start with ``"{key}_from:"``."""
+    usable, complete = _TABLES[key]
+    st = load(path, f"{key}_from")
+    t = st.get(key)
     try:
-        ok = isinstance(t1["cells"], dict) and bool(t1["steps"] and t1["etas"] and t1["seeds"])
+        ok = usable(t)
     except (KeyError, TypeError):
         ok = False
     if not ok:
-        raise ValueError(f"table1_from: {path} holds no Table 1 results")
-    return {"table1": t1, "path": str(path), "finished": tables.table1_complete(t1),
+        raise ValueError(f"{key}_from: {path} holds no Table {key[-1]} results")
+    return {key: t, "path": str(path), "finished": complete(t),
             **{k: str(st.get(k, "")) for k in ("command", "machine", "started", "model_desc")}}

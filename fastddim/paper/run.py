@@ -32,7 +32,8 @@ def evaluate(
     table1_etas: Sequence | str = TABLE1_ETAS, table2_steps: Sequence[int] | str = TABLE2_STEPS, table2_n: int = 64,
     table2_n_long: int = 16, table2_long_from: int = 200, table2_variants: Sequence[str] | str = (),
     table2_variant_steps: Sequence[int] | str = (10, 20, 50), table2_refine: int = 1,
-    table1_from: str | os.PathLike | None = None, command: str | None = None,
+    table1_from: str | os.PathLike | None = None, table2_from: str | os.PathLike | None = None,
+    command: str | None = None,
     log: Callable[[str], None] | None = None, solver: str = "ddim",
 ) -> dict[str, Any]:
     """Run the measurements; with any of table1/table2/figures, write ``out/paper_tables.md`` and its
@@ -65,6 +66,8 @@ def evaluate(
             run, or a table spread over sessions) is continued: the (cell, seed) pairs it lacks are
             measured, in its own settings (steps, etas, seeds, n, spacing), and the result equals
             a table made in one run.
+        table2_from: the same for Table 2 (implies ``table2``): an unfinished one is continued row
+            by row in its own settings (steps, images per row, refine, variants).
         command: the command line to print in the report (the CLI fills it in).
         log: progress lines (default: print to stderr).
 
@@ -76,12 +79,14 @@ def evaluate(
         ValueError: a bad argument or output folder (checked before any model call).
     """
     cfg = check_settings(
-        table1=table1 or table1_from is not None, table2=table2, figures=figures, n=n, seeds=seeds, steps=steps,
-        eta=eta, spacing=spacing, out=out, batch_size=batch_size, table1_steps=table1_steps, table1_etas=table1_etas,
+        table1=table1 or table1_from is not None, table2=table2 or table2_from is not None, figures=figures, n=n,
+        seeds=seeds, steps=steps, eta=eta, spacing=spacing, out=out, batch_size=batch_size, table1_steps=table1_steps,
+        table1_etas=table1_etas,
         table2_steps=table2_steps, table2_n=table2_n, table2_n_long=table2_n_long, table2_long_from=table2_long_from,
         table2_variants=table2_variants, table2_variant_steps=table2_variant_steps, table2_refine=table2_refine,
-        table1_from=table1_from, solver=solver)
-    loaded = results.load_table1(table1_from) if table1_from is not None else None
+        table1_from=table1_from, table2_from=table2_from, solver=solver)
+    loaded = {k: results.load_table(p, k) for k, p in (("table1", table1_from), ("table2", table2_from))
+              if p is not None}
     if cfg.report:
         output_folder(cfg.out, "out")
     model, desc = _load(model, device)
@@ -98,11 +103,12 @@ def evaluate(
     return _run_report(model, cfg, loaded, _provenance(command, desc, loaded), device, log)
 
 
-def _check_model(model, desc: str, cfg: Settings, loaded: dict | None) -> None:
+def _check_model(model, desc: str, cfg: Settings, loaded: dict[str, dict]) -> None:
     measure.check_model(model)
-    if loaded is not None and loaded["model_desc"] != desc:
-        raise ValueError(f"table1_from: {cfg.table1_from} was made with the model {loaded['model_desc']!r}, "
-                         f"not {desc!r}")
+    for key, earlier in loaded.items():
+        if earlier["model_desc"] != desc:
+            raise ValueError(f"{key}_from: {earlier['path']} was made with the model {earlier['model_desc']!r}, "
+                             f"not {desc!r}")
     T = len(model.schedule.alphas_cumprod) if hasattr(model.schedule, "alphas_cumprod") else 1000
     for s in cfg.t1_steps + cfg.t2_steps + cfg.t2_variant_steps + ([cfg.steps] if cfg.steps else []):
         if s > T:
@@ -112,7 +118,7 @@ def _check_model(model, desc: str, cfg: Settings, loaded: dict | None) -> None:
 # ------------------------------------------------------------------------------ the model and provenance
 def _load(model, device) -> tuple[Any, str]:
     """(model, description) from a model object or a name; the description identifies the weights,
-    so that ``table1_from`` can refuse a Table 1 of another model."""
+    so that ``table1_from`` / ``table2_from`` can refuse a table of another model."""
     if not isinstance(model, (str, os.PathLike)):
         if not callable(model):
             raise ValueError(f"model must be a callable model, a packaged name or a checkpoint path, "
@@ -164,11 +170,12 @@ def _python_command(cfg: Settings) -> str:
     return " ".join(parts) + "   (equivalent of a Python call to fastddim.paper.evaluate)"
 
 
-def _provenance(command: str, desc: str, loaded: dict | None) -> dict:
+def _provenance(command: str, desc: str, loaded: dict[str, dict]) -> dict:
+    keep = ("path", "command", "machine", "started", "finished")
     return {"command": command, "machine": _machine(), "model_desc": desc,
             "started": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-            "table1_from": None if loaded is None else {k: loaded[k] for k in ("path", "command", "machine", "started",
-                                                                                "finished")}}
+            **{f"{key}_from": {k: loaded[key][k] for k in keep} if key in loaded else None
+               for key in ("table1", "table2")}}
 
 
 # ------------------------------------------------------------------------------ the runs
@@ -187,27 +194,23 @@ def _run_single(model, cfg: Settings, device, log) -> dict:
     return {"report": None, "single": single, "seconds": time.perf_counter() - t0}
 
 
-def _plan(model, cfg: Settings, loaded: dict | None) -> tuple[int, str]:
+def _plan(model, cfg: Settings, loaded: dict[str, dict]) -> tuple[int, str]:
     """(network evaluations planned, the 'Sample counts' sentence of the report)."""
     seeds, n = len(cfg.seeds), cfg.n
-    t1 = 0 if loaded is not None or not cfg.table1 else sum(
-        seeds * n * measure.model_calls(model, s, e, cfg.spacing) for s in cfg.t1_steps for e in cfg.t1_etas)
-    if loaded is not None and not loaded["finished"]:  # what the unfinished table lacks, in its own settings
-        lt = loaded["table1"]
-        t1 = sum((len(lt["seeds"]) - len(lt["cells"].get(tables.cell_key(s, e), {}).get("fd", [])))
-                 * lt["n"] * measure.model_calls(model, s, e, lt["spacing"]) for s in lt["steps"] for e in lt["etas"])
-    K, nf = cfg.t2_refine, cfg.t2_n_for
-    t2 = (sum((4 + K if K else 2) * nf[str(s)] * s for s in cfg.t2_steps)
-          + len(cfg.t2_variants) * sum(2 * cfg.t2_variant_n * s for s in cfg.t2_variant_steps)) if cfg.table2 else 0
+    t1 = _table1_evals(model, cfg, loaded.get("table1"))
+    t2 = _table2_evals(cfg, loaded.get("table2"))
     counts = []
-    if loaded is not None:
-        counts.append(f"Table 1: taken from {cfg.table1_from} ({loaded['table1']['evals']:,} network evaluations there"
-                      + ("" if loaded["finished"] else f", continued here: {t1:,} more") + ")")
-    elif cfg.table1:
+    for key, evals in (("table1", t1), ("table2", t2)):
+        if key in loaded:
+            e = loaded[key]
+            counts.append(f"Table {key[-1]}: taken from {e['path']} ({e[key]['evals']:,} network evaluations there"
+                          + ("" if e["finished"] else f", continued here: {evals:,} more") + ")")
+    if cfg.table1 and "table1" not in loaded:
         cells = len(cfg.t1_steps) * len(cfg.t1_etas)
         counts.append(f"Table 1: {cells} cells x {seeds} seed(s) x {n} samples = {cells * seeds * n:,} samples "
                       f"({t1:,} network evaluations), plus {seeds} x {n} real training digits")
-    if cfg.table2:
+    if cfg.table2 and "table2" not in loaded:
+        K, nf = cfg.t2_refine, cfg.t2_n_for
         counts.append("Table 2: " + ", ".join(f"S={s}: {nf[str(s)]}" for s in cfg.t2_steps) + " held-out digits"
                       + (f", each also through the refine={K} encoder" if K else "")
                       + (f", and {cfg.t2_variant_n} for each diagnostic setting" if cfg.t2_variants else "")
@@ -215,6 +218,37 @@ def _plan(model, cfg: Settings, loaded: dict | None) -> tuple[int, str]:
     if cfg.figures:
         counts.append("figures: 8 samples x 4 step counts, 5 interpolations x 9 points at S = 50")
     return t1 + t2, "; ".join(counts) or "none"
+
+
+def _table1_evals(model, cfg: Settings, earlier: dict | None) -> int:
+    """Network evaluations Table 1 still needs: all of it, or what an unfinished earlier one lacks
+    in its own settings."""
+    if earlier is None:
+        return sum(len(cfg.seeds) * cfg.n * measure.model_calls(model, s, e, cfg.spacing)
+                   for s in cfg.t1_steps for e in cfg.t1_etas) if cfg.table1 else 0
+    t = earlier["table1"]
+    return sum((len(t["seeds"]) - len(t["cells"].get(tables.cell_key(s, e), {}).get("fd", [])))
+               * t["n"] * measure.model_calls(model, s, e, t["spacing"]) for s in t["steps"] for e in t["etas"])
+
+
+def _table2_evals(cfg: Settings, earlier: dict | None) -> int:
+    """Network evaluations Table 2 still needs (an encoder makes S(1 + K) calls, the decoder S)."""
+    if earlier is None:
+        if not cfg.table2:
+            return 0
+        t = tables.new_table2(cfg.t2_steps, cfg.t2_n_for, cfg.t2_refine, cfg.t2_variants, cfg.t2_variant_steps,
+                              cfg.t2_variant_n)
+    else:
+        t = earlier["table2"]
+    K = t["refine"]
+
+    def per_image(s: int) -> int:  # calls per image of row S's missing parts
+        row = t["rows"].get(str(s), {})
+        return s * ((2 if not row else 0) + (2 + K if K and "refined" not in row else 0))
+
+    return (sum(t["n_for"][str(s)] * per_image(s) for s in t["steps"])
+            + sum(2 * t["variant_n"] * s for done in t["variants"].values() for s in t["variant_steps"]
+                  if str(s) not in done))
 
 
 class _Run:
@@ -240,31 +274,24 @@ class _Run:
         return report.write(self.out, self.st)
 
 
-def _run_report(model, cfg: Settings, loaded: dict | None, prov: dict, device, log) -> dict:
+def _run_report(model, cfg: Settings, loaded: dict[str, dict], prov: dict, device, log) -> dict:
     planned, counts = _plan(model, cfg, loaded)
     st = {**prov, "done": False, "elapsed": 0.0, "throughput": 0.0, "counts": counts, "figures": {}}
     run, out, kw = _Run(cfg.out, st, planned, log), cfg.out, dict(batch_size=cfg.batch_size, device=device)
     log(f"plan: {planned:,} network evaluations for the tables; report -> {out / report.REPORT}")
-    if loaded is not None:
-        st["table1"] = loaded["table1"]
-        log(f"table1: taken from {cfg.table1_from}" + ("" if loaded["finished"] else ", unfinished: continuing it"))
-        if not loaded["finished"]:
-            measure.measure_table1(model, st["table1"], run.progress, **kw)
+    if "table1" in loaded:
+        st["table1"] = loaded["table1"]["table1"]
+        log(f"table1: taken from {cfg.table1_from}"
+            + ("" if loaded["table1"]["finished"] else ", unfinished: continuing it"))
     elif cfg.table1:
         st["table1"] = tables.new_table1(cfg.t1_steps, cfg.t1_etas, cfg.seeds, cfg.n, cfg.spacing)
+    if st.get("table1"):
         measure.measure_table1(model, st["table1"], run.progress, **kw)
-    if st.get("table1") and cfg.figures:
-        st["figures"]["table1"] = figs.table1(st["table1"], out).name
+        if cfg.figures:
+            st["figures"]["table1"] = figs.table1(st["table1"], out).name
     run.save()
     if cfg.table2:
-        st["table2"] = t2 = tables.new_table2(cfg.t2_steps, cfg.t2_n_for, cfg.t2_refine, cfg.t2_variants,
-                                              cfg.t2_variant_steps, cfg.t2_variant_n)
-        x_all = measure.heldout_subset(max(cfg.t2_n_for.values()))
-        recons = measure.measure_table2(model, t2, x_all, run.progress, **kw)
-        if cfg.figures:
-            st["figures"]["table2"] = figs.table2(t2, out).name
-            st["figures"]["reconstructions"] = figs.reconstructions(x_all, recons, out).name
-            run.save()
+        _table2(model, cfg, loaded.get("table2"), st, run, kw)
     if cfg.figures:
         _image_figures(model, cfg, st, run, kw)
     st["done"] = True
@@ -273,6 +300,28 @@ def _run_report(model, cfg: Settings, loaded: dict | None, prov: dict, device, l
     res = {k: st[k] for k in ("table1", "table2") if st.get(k)}
     return {**res, "figures": dict(st["figures"]), "report": str(path),
             "seconds": time.perf_counter() - run.t_start}
+
+
+def _table2(model, cfg: Settings, earlier: dict | None, st: dict, run: _Run, kw: dict) -> None:
+    """Measure Table 2 (or what an earlier one lacks) and draw its figures; the reconstruction
+    figure's rows not measured here (taken from ``earlier``) are remade for its few digits."""
+    if earlier is not None:
+        st["table2"] = t2 = earlier["table2"]
+        run.log(f"table2: taken from {cfg.table2_from}"
+                + ("" if earlier["finished"] else ", unfinished: continuing it"))
+    else:
+        st["table2"] = t2 = tables.new_table2(cfg.t2_steps, cfg.t2_n_for, cfg.t2_refine, cfg.t2_variants,
+                                              cfg.t2_variant_steps, cfg.t2_variant_n)
+    x_all = measure.heldout_subset(max(t2["n_for"].values()))
+    recons = measure.measure_table2(model, t2, x_all, run.progress, **kw)
+    if cfg.figures:
+        n = figs.RECONSTRUCTION_DIGITS
+        for s in t2["steps"]:
+            if s not in recons and t2["n_for"][str(s)] >= n:
+                recons[s] = measure.reconstruction_errors(model, x_all[:n], s, **kw)[1]
+        st["figures"]["table2"] = figs.table2(t2, cfg.out).name
+        st["figures"]["reconstructions"] = figs.reconstructions(x_all, recons, cfg.out).name
+        run.save()
 
 
 def _image_figures(model, cfg: Settings, st: dict, run: _Run, kw: dict) -> None:

@@ -34,6 +34,7 @@ class Settings:
     t2_variant_n: int
     t2_refine: int
     table1_from: str | os.PathLike | None
+    table2_from: str | os.PathLike | None = None
     solver: str = "ddim"
 
     @property
@@ -88,7 +89,8 @@ def _variants(v) -> list[str]:
 
 def check_settings(*, table1, table2, figures, n, seeds, steps, eta, spacing, out, batch_size, table1_steps,
                    table1_etas, table2_steps, table2_n, table2_n_long, table2_long_from, table2_variants,
-                   table2_variant_steps, table2_refine, table1_from, solver="ddim") -> Settings:
+                   table2_variant_steps, table2_refine, table1_from, table2_from=None,
+                   solver="ddim") -> Settings:
     """Every argument checked, before anything is loaded or sampled."""
     from ..engine import check_solver
     from ..plan import DPM_SPACINGS, SPACINGS
@@ -122,4 +124,5 @@ def check_settings(*, table1, table2, figures, n, seeds, steps, eta, spacing, ou
         t2_n_for={str(s): (table2_n if s < long_from else n_long) for s in t2_steps},
         t2_variants=variants, t2_variant_n=table2_n,
         t2_variant_steps=_ints("table2_variant_steps", table2_variant_steps, 1, 1000) if variants else [],
-        t2_refine=check_int("table2_refine", table2_refine, 0, 100), table1_from=table1_from, solver=solver)
+        t2_refine=check_int("table2_refine", table2_refine, 0, 100), table1_from=table1_from,
+        table2_from=table2_from, solver=solver)

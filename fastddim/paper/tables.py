@@ -7,10 +7,13 @@ renders) hold these two dicts; keys that are step counts are strings, as JSON ma
               "spacing": str, "cells": {"S/eta": {"fd": [FD per seed], "hist": [[10 ints] per seed]}},
               "real": [FD of n real training digits, per seed], "seconds": float, "evals": int}
     table2 = {"steps": [S, ...], "n_for": {"S": images}, "n_common": int, "refine": K,
-              "rows": {"S": {"n", "common", "mse", "se", "median", "max", "seconds",
-                             "refined": {"mse", "se", "median", "max", "seconds"} (when K > 0)}},
-              "variants": {"spacing:convention": {"S": {"mse", "se", "median", "max", "seconds"}}},
+              "rows": {"S": {"n", "common", "mse", "se", "median", "max", "seconds", "per_image",
+                             "refined": {"mse", "se", "median", "max", "seconds", "per_image"} (when K > 0)}},
+              "variants": {"spacing:convention": {"S": {"mse", "se", "median", "max", "seconds", "per_image"}}},
               "variant_steps": [S, ...], "variant_n": int, "seconds": float, "evals": int}
+
+``per_image`` holds each image's MSE in held-out order (image i is a digit i % 10), so a report can
+say which digits fail; results written before it was added lack it.
 
 Nothing here samples or draws: these are pure functions of numbers.
 """
@@ -23,8 +26,8 @@ import torch
 
 __all__ = [
     "TABLE1_STEPS", "TABLE1_ETAS", "TABLE2_STEPS", "PAPER_TABLE1", "PAPER_TABLE2", "eta_str", "cell_key",
-    "mean_std", "mse_stats", "fmt_mean_std", "new_table1", "new_table2", "table1_complete",
-    "table1_observations", "table2_observations", "single_summary",
+    "mean_std", "mse_stats", "fmt_mean_std", "new_table1", "new_table2", "table1_complete", "table2_complete",
+    "table1_observations", "table1_claims", "table2_observations", "single_summary",
 ]
 
 TABLE1_STEPS = (10, 20, 50, 100)
@@ -53,11 +56,13 @@ def mean_std(v: Sequence[float]) -> tuple[float, float]:
     return m, s
 
 
-def mse_stats(mse: torch.Tensor, seconds: float) -> dict[str, float]:
-    """Summary of per-image MSEs (n,): mean, its standard error, median, max, and the time taken."""
+def mse_stats(mse: torch.Tensor, seconds: float) -> dict:
+    """Summary of per-image MSEs (n,): mean, its standard error, median, max, the time taken, and
+    the MSEs themselves."""
     k = len(mse)
     return {"mse": float(mse.mean()), "se": float(mse.std() / math.sqrt(k)) if k > 1 else float("nan"),
-            "median": float(mse.median()), "max": float(mse.max()), "seconds": seconds}
+            "median": float(mse.median()), "max": float(mse.max()), "seconds": seconds,
+            "per_image": [float(v) for v in mse]}
 
 
 def fmt_mean_std(v: Sequence[float], want: int, digits: int = 2) -> str:
@@ -90,6 +95,13 @@ def table1_complete(t1: dict) -> bool:
                for s in t1["steps"] for e in t1["etas"])
 
 
+def table2_complete(t2: dict) -> bool:
+    """Every row is measured (with its refined encoder when K > 0), and every diagnostic cell."""
+    rows = t2["rows"]
+    return (all(str(s) in rows and (not t2.get("refine") or "refined" in rows[str(s)]) for s in t2["steps"])
+            and all(str(s) in t2["variants"][v] for v in t2["variants"] for s in t2["variant_steps"]))
+
+
 def table1_observations(t1: dict) -> list[str]:
     """Sentences on what Table 1 shows: the best and worst eta at the smallest S, and which etas do
     not improve monotonically with S (only over cells that were measured)."""
@@ -106,6 +118,43 @@ def table1_observations(t1: dict) -> list[str]:
     if len(out) == 1 and len(t1["etas"]) > 1 and all(
             means.get(cell_key(s, e)) is not None for s in t1["steps"] for e in t1["etas"]):
         out.append("Every eta improves monotonically with S.")
+    return out
+
+
+def table1_claims(t1: dict) -> list[str]:
+    """The paper's claims on Table 1, checked seed by seed (common random numbers make a seed's cells
+    comparable): eta = 0 best at every S <= 100, sigma_hat worst at the smallest S, and the best cell
+    within 2x of the real-data floor. Each line says by how much a claim is missed; S rows whose
+    cells are not all measured for a seed leave that seed out."""
+    fd = {k: v["fd"] for k, v in t1["cells"].items()}
+    etas, nseeds, out = t1["etas"], len(t1["seeds"]), []
+
+    def row(s):  # seed index -> {eta: FD} for the seeds that every eta of this S has
+        return [{eta_str(e): fd[cell_key(s, e)][i] for e in etas} for i in range(nseeds)
+                if all(len(fd.get(cell_key(s, e), [])) > i for e in etas)]
+
+    if 0.0 in etas and len(etas) > 1:
+        for s in (s for s in t1["steps"] if s <= 100 and row(s)):
+            seeds = row(s)
+            won = sum(min(r, key=r.get) == "0" for r in seeds)
+            line = f"eta = 0 best at S = {s}: under {won} of {len(seeds)} seed(s)"
+            if won < len(seeds):
+                gaps = [r["0"] - min(r.values()) for r in seeds]
+                winners = sorted({min(r, key=r.get) for r in seeds} - {"0"})
+                line += (f" (eta = {', '.join(winners)} lower where it loses; eta = 0 is {sum(gaps) / len(gaps):.2f} "
+                         f"above each seed's best cell on average)")
+            out.append(line + ".")
+    if "sigma_hat" in etas and len(etas) > 1 and row(min(t1["steps"])):
+        seeds = row(min(t1["steps"]))
+        worst = sum(max(r, key=r.get) == "sigma_hat" for r in seeds)
+        out.append(f"sigma_hat worst at S = {min(t1['steps'])}: under {worst} of {len(seeds)} seed(s).")
+    means = {k: mean_std(v)[0] for k, v in fd.items() if len(v) >= nseeds}
+    if means and t1.get("real"):
+        best = min(means, key=means.get)
+        floor = mean_std(t1["real"])[0]
+        s, e = best.split("/")
+        out.append(f"best cell S = {s}, eta = {e}: FD {means[best]:.2f}, {means[best] / floor:.2f}x the real-data "
+                   f"floor {floor:.2f} (the paper's goal: within 2x, i.e. FD <= {2 * floor:.2f}).")
     return out
 
 
