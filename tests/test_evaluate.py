@@ -369,6 +369,21 @@ def test_table1_claims_are_checked_seed_by_seed():
     assert tables.table1_claims(t1)[1].startswith("eta = 0 best at S = 20: under 0 of 1 seed(s) (eta = 1 lower")
 
 
+def test_table2_says_which_digits_fail():
+    """Per-class mean MSE from the rows' per-image MSEs (image i is a digit i % 10), in the report."""
+    from fastddim.paper import tables
+
+    per = [0.1 * (i % 10) + (1.0 if i == 13 else 0.0) for i in range(20)]  # class 3's second image fails
+    t2 = tables.new_table2([10, 20], {"10": 20, "20": 8}, 0, [], [], 20)
+    t2["rows"]["10"] = {"n": 20, "common": 0.0, **tables.mse_stats(torch.tensor(per), 1.0)}
+    t2["rows"]["20"] = {"n": 8, "common": 0.0, **tables.mse_stats(torch.tensor(per[:8]), 1.0)}
+    by = tables.table2_by_digit(t2)
+    assert list(by) == [10] and by[10] == pytest.approx([0.1 * c for c in range(10)][:3] + [0.8] + [0.1 * c for c in
+                                                                                                   range(4, 10)])
+    md = report._table2_rows(t2)
+    assert "Which digits fail" in md and "| 10 | 0.00e+00 |" in md and "**9.00e-01**" in md
+
+
 def test_check_int_list():
     from fastddim.checks import check_int_list
 

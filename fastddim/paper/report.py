@@ -147,7 +147,20 @@ def _table2_rows(t2: dict) -> str:
     obs = tables.table2_observations(t2)
     if obs:
         L += ["Observed: " + "; ".join(obs) + ".", ""]
-    return "\n".join(L) + "\n"
+    return "\n".join(L + _table2_digits(t2)) + "\n"
+
+
+def _table2_digits(t2: dict) -> list[str]:
+    """Which digits fail: the Euler encoder's mean MSE per class, the worst class in bold."""
+    by = tables.table2_by_digit(t2)
+    if not by:
+        return []
+    L = ["Which digits fail: the Euler encoder's mean MSE per digit class (worst in bold).", "",
+         "| S | " + " | ".join(map(str, range(10))) + " |", "|---|" + "---|" * 10]
+    for s, v in by.items():
+        worst = max(range(10), key=v.__getitem__)
+        L.append(f"| {s} | " + " | ".join(f"**{m:.2e}**" if c == worst else f"{m:.2e}" for c, m in enumerate(v)) + " |")
+    return L + [""]
 
 
 def _table2_variants(t2: dict) -> str:

@@ -27,7 +27,7 @@ import torch
 __all__ = [
     "TABLE1_STEPS", "TABLE1_ETAS", "TABLE2_STEPS", "PAPER_TABLE1", "PAPER_TABLE2", "eta_str", "cell_key",
     "mean_std", "mse_stats", "fmt_mean_std", "new_table1", "new_table2", "table1_complete", "table2_complete",
-    "table1_observations", "table1_claims", "table2_observations", "single_summary",
+    "table1_observations", "table1_claims", "table2_observations", "table2_by_digit", "single_summary",
 ]
 
 TABLE1_STEPS = (10, 20, 50, 100)
@@ -174,6 +174,20 @@ def table2_observations(t2: dict) -> list[str]:
         obs.append(f"{name} is at or below the paper's CIFAR-10 value at {len(got) - len(miss)} of "
                    f"{len(got)} step counts" + (f" (not at S = {', '.join(map(str, miss))})" if miss else ""))
     return obs
+
+
+def table2_by_digit(t2: dict, encoder: str = "euler") -> dict[int, list[float]]:
+    """Mean reconstruction MSE per digit class (0..9) of each row that kept its per-image MSEs:
+    ``{S: [10 floats]}`` for the Euler encoder, or ``encoder="refined"``. Image i is a digit i % 10
+    (``measure.heldout_subset``); a row of fewer than 10 images is left out."""
+    out = {}
+    for s in t2["steps"]:
+        r = t2["rows"].get(str(s), {})
+        r = r.get("refined", {}) if encoder == "refined" else r
+        v = r.get("per_image", [])
+        if len(v) >= 10:
+            out[s] = [sum(v[c::10]) / len(v[c::10]) for c in range(10)]
+    return out
 
 
 def single_summary(single: dict) -> str:
