@@ -80,9 +80,9 @@ def evaluate(
     """
     cfg = check_settings(
         table1=table1 or table1_from is not None, table2=table2 or table2_from is not None, figures=figures, n=n,
-        seeds=seeds, steps=steps, eta=eta, spacing=spacing, out=out, batch_size=batch_size, table1_steps=table1_steps,
-        table1_etas=table1_etas,
-        table2_steps=table2_steps, table2_n=table2_n, table2_n_long=table2_n_long, table2_long_from=table2_long_from,
+        seeds=seeds, steps=steps, eta=eta, spacing=spacing, out=out, batch_size=batch_size,
+        table1_steps=table1_steps, table1_etas=table1_etas, table2_steps=table2_steps, table2_n=table2_n,
+        table2_n_long=table2_n_long, table2_long_from=table2_long_from,
         table2_variants=table2_variants, table2_variant_steps=table2_variant_steps, table2_refine=table2_refine,
         table1_from=table1_from, table2_from=table2_from, solver=solver)
     loaded = {k: results.load_table(p, k) for k, p in (("table1", table1_from), ("table2", table2_from))
@@ -200,16 +200,15 @@ def _plan(model, cfg: Settings, loaded: dict[str, dict]) -> tuple[int, str]:
     t1 = _table1_evals(model, cfg, loaded.get("table1"))
     t2 = _table2_evals(cfg, loaded.get("table2"))
     counts = []
-    for key, evals in (("table1", t1), ("table2", t2)):
-        if key in loaded:
-            e = loaded[key]
-            counts.append(f"Table {key[-1]}: taken from {e['path']} ({e[key]['evals']:,} network evaluations there"
-                          + ("" if e["finished"] else f", continued here: {evals:,} more") + ")")
-    if cfg.table1 and "table1" not in loaded:
+    if "table1" in loaded:
+        counts.append(_taken(loaded["table1"], "table1", t1))
+    elif cfg.table1:
         cells = len(cfg.t1_steps) * len(cfg.t1_etas)
         counts.append(f"Table 1: {cells} cells x {seeds} seed(s) x {n} samples = {cells * seeds * n:,} samples "
                       f"({t1:,} network evaluations), plus {seeds} x {n} real training digits")
-    if cfg.table2 and "table2" not in loaded:
+    if "table2" in loaded:
+        counts.append(_taken(loaded["table2"], "table2", t2))
+    elif cfg.table2:
         K, nf = cfg.t2_refine, cfg.t2_n_for
         counts.append("Table 2: " + ", ".join(f"S={s}: {nf[str(s)]}" for s in cfg.t2_steps) + " held-out digits"
                       + (f", each also through the refine={K} encoder" if K else "")
@@ -218,6 +217,12 @@ def _plan(model, cfg: Settings, loaded: dict[str, dict]) -> tuple[int, str]:
     if cfg.figures:
         counts.append("figures: 8 samples x 4 step counts, 5 interpolations x 9 points at S = 50")
     return t1 + t2, "; ".join(counts) or "none"
+
+
+def _taken(earlier: dict, key: str, evals: int) -> str:
+    """The 'Sample counts' part of a table taken from an earlier run (``evals``: what it still needs)."""
+    return (f"Table {key[-1]}: taken from {earlier['path']} ({earlier[key]['evals']:,} network evaluations there"
+            + ("" if earlier["finished"] else f", continued here: {evals:,} more") + ")")
 
 
 def _table1_evals(model, cfg: Settings, earlier: dict | None) -> int:
