@@ -1,5 +1,6 @@
 """fastddim eval (fastddim.paper) on a tiny stand-in model: the report's rows, the figures, the raw
 results, bad input."""
+import glob
 import json
 import os
 
@@ -397,12 +398,27 @@ def test_check_int_list():
         check_int_list("seeds", [3, 3], 0, unique=True)
 
 
-def test_committed_report_is_rendered_from_its_raw_results():
-    """docs/paper_tables.md (above the hand-written notes) is exactly what docs/paper_tables.json renders
-    to, and its Table 1 can be reused with --table1-from."""
-    docs = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
-    st = results.load(os.path.join(docs, "paper_tables.json"))
-    with open(os.path.join(docs, "paper_tables.md")) as f:
-        assert f.read().startswith(report.render(st) + "\n## Notes written after the run")
-    t1 = results.load_table(os.path.join(docs, "paper_tables.json"), "table1")
-    assert t1["table1"]["n"] == 512 and t1["model_desc"].startswith("`mnist` (686,769 parameters, T = 1000)")
+DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
+COMMITTED_REPORTS = sorted(glob.glob(os.path.join(DOCS, "paper_tables.json"))
+                           + glob.glob(os.path.join(DOCS, "runs", "*", "paper_tables.json")))
+
+
+@pytest.mark.parametrize("raw", COMMITTED_REPORTS, ids=lambda p: os.path.relpath(os.path.dirname(p), DOCS))
+def test_committed_report_is_rendered_from_its_raw_results(raw):
+    """Each committed paper_tables.md (above its hand-written notes, if any) is exactly what the
+    paper_tables.json beside it renders to."""
+    with open(os.path.join(os.path.dirname(raw), "paper_tables.md")) as f:
+        md = f.read()
+    rendered = report.render(results.load(raw))
+    assert md == rendered or md.startswith(rendered + "\n## Notes written after the run")
+
+
+def test_committed_reports_are_the_runs_the_docs_name():
+    """The reports the README cites hold the tables at the sizes it states, on the model it names,
+    and can be reused with --table1-from."""
+    assert len(COMMITTED_REPORTS) >= 2
+    v1 = results.load_table(os.path.join(DOCS, "runs", "mnist-v1", "paper_tables.json"), "table1")
+    assert v1["table1"]["n"] == 512 and "sha256 f263f4189d18" in v1["model_desc"]
+    t1 = results.load_table(os.path.join(DOCS, "runs", "table1_n1024", "paper_tables.json"), "table1")
+    assert t1["table1"]["n"] == 1024 and len(t1["table1"]["seeds"]) == 3
+    assert t1["model_desc"].startswith("`mnist` (686,769 parameters, T = 1000)")

@@ -56,7 +56,7 @@ def _header(st: dict) -> str:
         "**The quality metric is not Inception FID.** It is the FID formula (Frechet distance between "
         "Gaussians fitted to features) in the 64-d penultimate layer of a small MNIST classifier the project "
         "trained on the 4,000 training digits, measured against the 1,000 held-out digits "
-        "(`fastddim.metrics.fd_to_heldout`, [docs/metrics.md](metrics.md)). Its scale has nothing to do with "
+        "(`fastddim.metrics.fd_to_heldout`, described in fastddim's docs/metrics.md). Its scale has nothing to do with "
         "CIFAR-10 FIDs; compare orderings only. Like FID it is biased upward at small n, so every cell uses the "
         "same n, and the row 'real train digits' shows the value real data gets at that n (the floor).\n\n"
     )
