@@ -3,6 +3,7 @@ eps MSE over t and a quick FD, before the long run.
 
     python benchmarks/train_study.py train base --steps 400 --out runs/study     # one candidate
     python benchmarks/train_study.py eval runs/study/base.safetensors --fd-n 500   # its figures
+    python benchmarks/train_study.py eps fastddim/weights/mnist.safetensors --t 0 10 100  # per digit class
     python benchmarks/train_study.py throughput                                    # s/step per recipe
 
 Each candidate trains through ``fastddim.train.train`` (so ``--resume`` continues it bit for bit)
@@ -53,32 +54,48 @@ def train_candidate(name: str, steps: int, out: Path, threads: int, batch_size: 
 
 
 @torch.inference_mode()
-def heldout_eps_mse(net: UNet, n: int = 1000) -> dict[int, float]:
-    """eps MSE of ``net`` on the first n held-out digits at each t of T_GRID (fixed noise)."""
+def heldout_eps_mse(net: UNet, n: int = 1000, t_grid=T_GRID, by_digit: bool = False) -> dict:
+    """eps MSE of ``net`` on the first n held-out digits at each t of ``t_grid`` (fixed noise, seed 0):
+    {t: mse}, or with ``by_digit`` {t: {"all": mse, "0": mse of the zeros, ..., "9": ...}}."""
     from fastddim.metrics import heldout_digits
 
-    x0 = heldout_digits()[0][:n]
+    x0, labels = (v[:n] for v in heldout_digits())
     a_all = net.schedule.alphas_cumprod
     gen = torch.Generator().manual_seed(0)
     res = {}
-    for t in T_GRID:
+    for t in t_grid:
         eps = torch.randn(x0.shape, generator=gen)
         a = a_all[t]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         pred = torch.cat([net(x_t[i:i + 250], torch.full((len(x_t[i:i + 250]),), t)) for i in range(0, n, 250)])
-        res[t] = float((pred - eps).square().mean())
+        per_image = (pred - eps).square().flatten(1).mean(1)
+        res[t] = float(per_image.mean())
+        if by_digit:
+            res[t] = {"all": res[t], **{str(d): float(per_image[labels == d].mean()) for d in range(10)}}
     return res
+
+
+def _ema_net(path: Path) -> tuple[UNet, object]:
+    from fastddim.pretrained import load_checkpoint
+
+    ck = load_checkpoint(path)
+    net = UNet(ck.config, schedule=ck.schedule).eval()
+    net.load_state_dict(ck.ema)
+    return net, ck
+
+
+def eps_by_digit(path: Path, t_grid: tuple[int, ...]) -> dict:
+    """The EMA weights' held-out eps MSE per t and digit class (``eps`` subcommand)."""
+    net, ck = _ema_net(path)
+    return {"checkpoint": str(path), "step": ck.step, "eps_mse": heldout_eps_mse(net, t_grid=t_grid, by_digit=True)}
 
 
 def evaluate(path: Path, fd_n: int, threads: int, fd_steps: tuple[int, ...] = (20,), memo: bool = False) -> dict:
     import fastddim
     from fastddim.metrics import fd_to_heldout, memorisation
-    from fastddim.pretrained import load_checkpoint
 
     torch.set_num_threads(threads)
-    ck = load_checkpoint(path)
-    net = UNet(ck.config, schedule=ck.schedule).eval()
-    net.load_state_dict(ck.ema)
+    net, ck = _ema_net(path)
     t0 = time.perf_counter()
     mse = heldout_eps_mse(net)
     res = {"checkpoint": str(path), "step": ck.step, "train": ck.train, "eps_mse": mse,
@@ -136,6 +153,10 @@ def main(argv=None) -> None:
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--fd-steps", type=int, nargs="+", default=[20], help="DDIM steps S of each FD (eta 0, seed 0)")
     e.add_argument("--memorisation", action="store_true", help="nearest-training-digit distances of the first S's samples")
+    d = sub.add_parser("eps", help="eps MSE on the held-out digits per t and digit class (JSON to stdout)")
+    d.add_argument("checkpoint", type=Path)
+    d.add_argument("--t", type=int, nargs="+", default=list(T_GRID))
+    d.add_argument("--threads", type=int, default=1)
     h = sub.add_parser("throughput")
     h.add_argument("names", nargs="*", default=sorted(CANDIDATES))
     h.add_argument("--batch-size", type=int, default=64)
@@ -147,6 +168,9 @@ def main(argv=None) -> None:
         print(json.dumps(train_candidate(args.name, args.steps, args.out, args.threads, args.batch_size, args.lr)))
     elif args.cmd == "eval":
         print(json.dumps(evaluate(args.checkpoint, args.fd_n, args.threads, tuple(args.fd_steps), args.memorisation), indent=1))
+    elif args.cmd == "eps":
+        torch.set_num_threads(args.threads)
+        print(json.dumps(eps_by_digit(args.checkpoint, tuple(args.t)), indent=1))
     else:
         print(json.dumps(throughput(args.names, args.batch_size, args.rounds, args.reps, args.threads), indent=1))
 

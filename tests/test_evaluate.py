@@ -84,7 +84,7 @@ def test_table1_from_an_earlier_run(tmp_path):
     md = (tmp_path / "b" / "paper_tables.md").read_text()
     a_md = (tmp_path / "a" / "paper_tables.md").read_text()
     rows = [ln for ln in a_md.splitlines() if ln.startswith(("| 0 |", "| 1 |"))]
-    assert len(rows) == 2 and all(r in md for r in rows)
+    assert len(rows) == 4 and all(r in md for r in rows)  # FD and class-balance rows
     assert "--table1-from" in md and "Table 2" in md and "refine=" not in md.split("## Table 2", 1)[1].split("##")[0]
     assert not any(c.startswith("table1 S=") for c in calls)  # nothing of Table 1 was sampled again
     b_raw = json.loads((tmp_path / "b" / "paper_tables.json").read_text())
@@ -368,6 +368,22 @@ def test_table1_claims_are_checked_seed_by_seed():
     ]
     t1["cells"]["20/1"]["fd"] = [7]  # a seed that not every eta of a row has is left out of that row
     assert tables.table1_claims(t1)[1].startswith("eta = 0 best at S = 20: under 0 of 1 seed(s) (eta = 1 lower")
+
+
+def test_table1_class_balance_adds_the_seeds():
+    """The rarest and commonest class of a cell over all its seeds, against the balanced data."""
+    from fastddim import metrics
+    from fastddim.paper import tables
+
+    h0 = [10, 5, 10, 10, 10, 10, 10, 10, 10, 15]
+    h1 = [10, 7, 10, 10, 10, 10, 10, 13, 11, 9]
+    t1 = {"steps": [10, 20], "etas": [0.0], "seeds": [0, 1], "n": 100, "spacing": "quad",
+          "cells": {"10/0": {"fd": [1.0, 2.0], "hist": [h0, h1]}, "20/0": {"fd": [], "hist": []}},
+          "seconds": 1.0, "evals": 2}
+    assert tables.table1_class_balance(t1) == {"10/0": (1, 0.06, 9, 0.12)}
+    assert "| 0 | 1: 6.0%, 9: 12.0% | not run |" in report._table1(t1, None)
+    for split in ("train", "held_out"):  # what the report's "10% each" rests on
+        assert torch.bincount(metrics._digits(split)[1], minlength=10).unique().numel() == 1
 
 
 def test_table2_says_which_digits_fail():

@@ -84,12 +84,24 @@ def _table1(t1: dict, src: dict | None) -> str:
     claims = tables.table1_claims(t1)
     if claims:
         L += ["The paper's claims, checked seed by seed:", "", *[f"- {c}" for c in claims], ""]
-    h = t1["cells"].get(cell_key(max(t1["steps"]), 0.0), {}).get("hist")
-    if h:
-        L += [f"Class histogram of the S = {max(t1['steps'])}, eta = 0 samples (seed {t1['seeds'][0]}, "
-              f"digits 0..9): {h[0]}.", ""]
+    L += _table1_balance(t1)
     L += [f"Table 1 time: {t1['seconds'] / 60:.1f} min for {t1['evals']:,} network evaluations.", ""]
     return "\n".join(L) + "\n"
+
+
+def _table1_balance(t1: dict) -> list[str]:
+    """Class balance per cell: the rarest and the commonest digit with their shares (all seeds)."""
+    bal = tables.table1_class_balance(t1)
+    if not bal:
+        return []
+    L = ["Class balance (the classifier's label for each sample, all seeds together): the rarest and the "
+         "commonest digit and their shares of the samples; the training and held-out digits are 10% each.", "",
+         "| eta \\ S | " + " | ".join(str(s) for s in t1["steps"]) + " |", "|---|" + "---|" * len(t1["steps"])]
+    for eta in t1["etas"]:
+        cells = [bal.get(cell_key(s, eta)) for s in t1["steps"]]
+        L.append(f"| {eta_str(eta)} | " + " | ".join(
+            f"{c[0]}: {100 * c[1]:.1f}%, {c[2]}: {100 * c[3]:.1f}%" if c else "not run" for c in cells) + " |")
+    return L + [""]
 
 
 def _earlier(src: dict | None, key: str) -> list[str]:

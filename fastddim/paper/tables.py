@@ -158,6 +158,21 @@ def table1_claims(t1: dict) -> list[str]:
     return out
 
 
+def table1_class_balance(t1: dict) -> dict[str, tuple[int, float, int, float]]:
+    """Per measured cell, its rarest and commonest digit class and their shares of the samples, the
+    histograms of all its seeds added: ``{cell_key: (rarest, share, commonest, share)}`` (shares in
+    [0, 1]). The training and held-out digits are class-balanced (10% each), so a good sampler's
+    shares stay near 0.1."""
+    out = {}
+    for k, v in t1["cells"].items():
+        if v.get("hist"):
+            tot = [sum(col) for col in zip(*v["hist"])]
+            n = sum(tot)
+            lo, hi = min(range(10), key=tot.__getitem__), max(range(10), key=tot.__getitem__)
+            out[k] = (lo, tot[lo] / n, hi, tot[hi] / n)
+    return out
+
+
 def table2_observations(t2: dict) -> list[str]:
     """Per encoder, at how many of the measured step counts the MSE is at or below the paper's."""
     done = [s for s in t2["steps"] if str(s) in t2["rows"] and s in PAPER_TABLE2]
