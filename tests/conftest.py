@@ -1,5 +1,9 @@
-"""Shared test set-up: the `gpu` marker's skip, and the Triton interpreter on CPU-only machines."""
+"""Shared test set-up: the `gpu` marker's skip, the Triton interpreter on CPU-only machines, and
+loading a benchmarks/ script as a module."""
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +34,20 @@ def tiny_unet():
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1, norm_num_groups=8,
     ).eval()
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """A loader: ``benchmark_script("guidance_quality")`` is benchmarks/guidance_quality.py as a module
+    (benchmarks/ put on sys.path first, as running the script does, for its ``import machine``)."""
+    def load(name: str):
+        if str(BENCHMARKS) not in sys.path:
+            sys.path.insert(0, str(BENCHMARKS))
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

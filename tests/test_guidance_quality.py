@@ -1,25 +1,17 @@
 """benchmarks/guidance_quality.py (docs/guidance.md's numbers): its measure is the project's metric,
 checked on the held-out digits themselves, and a rerun resumes instead of redoing cells."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastddim import metrics
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def gq():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports benchmarks/machine.py
-    spec = importlib.util.spec_from_file_location("guidance_quality", ROOT / "benchmarks" / "guidance_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def gq(benchmark_script):
+    return benchmark_script("guidance_quality")
 
 
 def test_quality_of_the_heldout_digits_is_the_metric_itself(gq):

@@ -1,25 +1,15 @@
 """benchmarks/inversion_steps.py (the Table 2 notes' step-by-step error): it follows the same Euler
 path as fastddim.invert (checked inside), and its miss is the decoder's, measured independently."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import fastddim
 from fastddim.paper.measure import heldout_subset
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def inv():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports benchmarks/machine.py
-    spec = importlib.util.spec_from_file_location("inversion_steps", ROOT / "benchmarks" / "inversion_steps.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def inv(benchmark_script):
+    return benchmark_script("inversion_steps")
 
 
 def test_step_misses_are_the_decoders_misses(inv):
