@@ -95,8 +95,13 @@ def test_table1_from_an_earlier_run(tmp_path):
 
     with pytest.raises(ValueError, match="table1_from.*made with the model"):
         ev.evaluate(OtherModel(), table2=True, table1_from=tmp_path / "a" / "paper_tables.json", out=tmp_path / "c")
-    # b's own raw results carry Table 1 too, so it can be reused in turn
+    # b's own raw results carry Table 1 too, so it can be reused in turn, and d names the whole chain
     ev.evaluate(m, table1_from=tmp_path / "b" / "paper_tables.json", out=tmp_path / "d")
+    d_from = json.loads((tmp_path / "d" / "paper_tables.json").read_text())["table1_from"]
+    assert d_from["path"] == str(tmp_path / "b" / "paper_tables.json")
+    assert d_from["earlier"]["path"] == str(tmp_path / "a" / "paper_tables.json") and d_from["earlier"]["earlier"] is None
+    a_command = json.loads((tmp_path / "a" / "paper_tables.json").read_text())["command"]
+    assert f"That run had the table from `{a_command}`" in (tmp_path / "d" / "paper_tables.md").read_text()
 
 
 def test_an_unfinished_table1_is_continued_to_what_one_run_makes(tmp_path):

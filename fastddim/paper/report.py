@@ -109,9 +109,14 @@ def _earlier(src: dict | None, key: str) -> list[str]:
     if not src:
         return []
     how = "begun" if src.get("finished") is False else "measured"
-    return [f"This table was {how} by an earlier run and read from its raw results (`--{key}-from "
+    line = (f"This table was {how} by an earlier run and read from its raw results (`--{key}-from "
             f"{src['path']}`): `{src['command']}`, started {src['started']} on {src['machine']}"
-            + ("; this run measured the cells it lacked." if how == "begun" else "."), ""]
+            + ("; this run measured the cells it lacked." if how == "begun" else "."))
+    src = src.get("earlier")
+    while src:  # the runs before it, each read by the next (as far as the files recorded them)
+        line += f" That run had the table from `{src['command']}`, started {src['started']}."
+        src = src.get("earlier")
+    return [line, ""]
 
 
 def _table2_intro(t2: dict, src: dict | None) -> str:

@@ -8,7 +8,8 @@ The file (``paper_tables.json``) is one object:
      "command": str, "machine": str, "model_desc": str, "started": str,   # provenance
      "done": bool, "elapsed": seconds, "throughput": network evaluations per second of sampling,
      "counts": str (what was planned), "figures": {kind: file name},
-     "table1_from", "table2_from": null or {"path", "command", "machine", "started", "finished"},
+     "table1_from", "table2_from": null or {"path", "command", "machine", "started", "finished",
+                                            "earlier": that file's own "table1_from" / "table2_from"},
      "table1": see fastddim.paper.tables (absent when not made), "table2": likewise}
 
 Numbers a run could not define (a standard error over one image) are written as NaN, which
@@ -68,7 +69,8 @@ _TABLES = {
 
 def load_table(path: str | os.PathLike, key: str) -> dict:
     """Table ``key`` ("table1" or "table2") of an earlier run and its provenance: ``{key, "path",
-    "command", "machine", "started", "model_desc", "finished"}``. An unfinished table (an
+    "command", "machine", "started", "model_desc", "finished", "earlier"}`` ("earlier": where that
+    run had the table from, its ``{key}_from``, or None). An unfinished table (an
     interrupted run, or one spread over sessions) is returned too, ``finished`` False: ``evaluate``
     measures what it lacks. Errors start with ``"{key}_from:"``."""
     usable, complete = _TABLES[key]
@@ -80,5 +82,5 @@ def load_table(path: str | os.PathLike, key: str) -> dict:
         ok = False
     if not ok:
         raise ValueError(f"{key}_from: {path} holds no Table {key[-1]} results")
-    return {key: t, "path": str(path), "finished": complete(t),
+    return {key: t, "path": str(path), "finished": complete(t), "earlier": st.get(f"{key}_from"),
             **{k: str(st.get(k, "")) for k in ("command", "machine", "started", "model_desc")}}

@@ -171,7 +171,7 @@ def _python_command(cfg: Settings) -> str:
 
 
 def _provenance(command: str, desc: str, loaded: dict[str, dict]) -> dict:
-    keep = ("path", "command", "machine", "started", "finished")
+    keep = ("path", "command", "machine", "started", "finished", "earlier")  # "earlier": the whole chain
     return {"command": command, "machine": _machine(), "model_desc": desc,
             "started": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             **{f"{key}_from": {k: loaded[key][k] for k in keep} if key in loaded else None
