@@ -436,10 +436,17 @@ def test_committed_report_is_rendered_from_its_raw_results(raw):
 
 def test_committed_reports_are_the_runs_the_docs_name():
     """The reports the README cites hold the tables at the sizes it states, on the model it names,
-    and can be reused with --table1-from."""
+    and can be reused with --table1-from / --table2-from."""
     assert len(COMMITTED_REPORTS) >= 2
     v1 = results.load_table(os.path.join(DOCS, "runs", "mnist-v1", "paper_tables.json"), "table1")
     assert v1["table1"]["n"] == 512 and "sha256 f263f4189d18" in v1["model_desc"]
     t1 = results.load_table(os.path.join(DOCS, "runs", "table1_n1024", "paper_tables.json"), "table1")
     assert t1["table1"]["n"] == 1024 and len(t1["table1"]["seeds"]) == 3
     assert t1["model_desc"].startswith("`mnist` (686,769 parameters, T = 1000)")
+    final = os.path.join(DOCS, "paper_tables.json")  # the report the README cites: both tables at issue 20's sizes
+    for key in ("table1", "table2"):
+        assert "sha256 3dbf0aa5f05d" in results.load_table(final, key)["model_desc"]
+    assert results.load_table(final, "table1")["table1"] == t1["table1"]
+    t2 = results.load_table(final, "table2")
+    assert t2["finished"] and t2["table2"]["steps"] == [10, 20, 50, 100, 200, 500, 1000]
+    assert all(t2["table2"]["rows"][str(s)]["n"] == 256 for s in t2["table2"]["steps"])

@@ -51,9 +51,10 @@ def _header(st: dict) -> str:
     return (
         "# The DDIM paper's tables, remade on the packaged MNIST model\n\n"
         f"Made by `{st['command']}`  \nMachine: {st['machine']}  \nModel: {st['model_desc']}  \n"
-        f"Started {st['started']}; {state} after {st['elapsed'] / 60:.1f} min. Throughput while sampling: "
-        f"{st['throughput']:.0f} network evaluations (one image, one timestep) per second.\n\n"
-        "**The quality metric is not Inception FID.** It is the FID formula (Frechet distance between "
+        f"Started {st['started']}; {state} after {st['elapsed'] / 60:.1f} min. "
+        + (f"Throughput while sampling: {st['throughput']:.0f} network evaluations (one image, one timestep) per "
+           "second.\n\n" if st["throughput"] else "No table cell was sampled by this run.\n\n")
+        + "**The quality metric is not Inception FID.** It is the FID formula (Frechet distance between "
         "Gaussians fitted to features) in the 64-d penultimate layer of a small MNIST classifier the project "
         "trained on the 4,000 training digits, measured against the 1,000 held-out digits "
         "(`fastddim.metrics.fd_to_heldout`, described in fastddim's docs/metrics.md). Its scale has nothing to do with "
