@@ -9,9 +9,10 @@ fixed-point iteration (``reference.refine_invert_step``) finds the point x^(1) f
 decoder's step lands on p_{k-1} far more closely than from the Euler point x^(0); the decoder
 started at x^(0) misses p_{k-1} by exactly sqrt(a_src / a_dst) (x^(0) - x^(1)) (x^(1) inverts the
 decoder's step for the eps evaluated at x^(0), and that step is linear in its start), which is
-(x^(0) - x^(1)) / sqrt(a_dst) in the units of the clean image. The JSON holds, per model, S and step, the timesteps, that miss's per-dimension mean square
-over all images and per digit class (image i is a digit i % 10, as Table 2's), and the encoder's
-own eps at the evaluated timestep. The Euler path itself is checked against ``fastddim.invert``.
+(x^(0) - x^(1)) / sqrt(a_dst) in the units of the clean image. The JSON holds, per model, S and
+step, the timesteps and that miss's per-dimension mean square over all images and per digit class
+(image i is a digit i % 10, as Table 2's). The Euler path itself is checked against
+``fastddim.invert``.
 """
 from __future__ import annotations
 
