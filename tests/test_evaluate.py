@@ -99,7 +99,8 @@ def test_table1_from_an_earlier_run(tmp_path):
     ev.evaluate(m, table1_from=tmp_path / "b" / "paper_tables.json", out=tmp_path / "d")
     d_from = json.loads((tmp_path / "d" / "paper_tables.json").read_text())["table1_from"]
     assert d_from["path"] == str(tmp_path / "b" / "paper_tables.json")
-    assert d_from["earlier"]["path"] == str(tmp_path / "a" / "paper_tables.json") and d_from["earlier"]["earlier"] is None
+    assert d_from["earlier"]["path"] == str(tmp_path / "a" / "paper_tables.json")
+    assert d_from["earlier"]["earlier"] is None
     a_command = json.loads((tmp_path / "a" / "paper_tables.json").read_text())["command"]
     assert f"That run had the table from `{a_command}`" in (tmp_path / "d" / "paper_tables.md").read_text()
 
